@@ -1,0 +1,8 @@
+"""stablekit: Stable Diffusion 1.x / 2.x checkpoints in, pictures out."""
+
+__version__ = "0.1.0"
+
+from .engine import Engine, load  # noqa: E402
+from .params import GenerationParams  # noqa: E402
+
+__all__ = ["Engine", "GenerationParams", "load", "__version__"]

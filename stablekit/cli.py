@@ -1,0 +1,120 @@
+"""Command line: a thin adapter from arguments to GenerationParams and the Engine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .detect import CheckpointError
+from .params import GenerationParams
+
+DEFAULTS = GenerationParams()
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prediction", choices=["eps", "v"], help="override the prediction type (weights cannot tell)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights and compute dtype")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stablekit", description="Stable Diffusion 1.x / 2.x on your own machine.")
+    parser.add_argument("--version", action="version", version=f"stablekit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("txt2img", help="generate pictures from a prompt")
+    t.add_argument("--model", "-m", required=True, help="checkpoint file, diffusers folder or hub repo id")
+    t.add_argument("--prompt", "-p", required=True)
+    t.add_argument("--negative-prompt", "-n", default=DEFAULTS.negative_prompt)
+    t.add_argument("--steps", type=int, default=DEFAULTS.steps)
+    t.add_argument("--cfg-scale", type=float, default=DEFAULTS.cfg_scale)
+    t.add_argument("--sampler", default=DEFAULTS.sampler, help='e.g. "DPM++ 2M", "Euler a", ddim, euler')
+    t.add_argument("--scheduler", default=DEFAULTS.scheduler, help="automatic, uniform, karras, ddim")
+    t.add_argument("--seed", type=int, default=DEFAULTS.seed, help="-1 = random; image i uses seed + i")
+    t.add_argument("--width", type=int, default=DEFAULTS.width)
+    t.add_argument("--height", type=int, default=DEFAULTS.height)
+    t.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    t.add_argument("--clip-skip", type=int, default=DEFAULTS.clip_skip)
+    t.add_argument("--eta", type=float, default=None, help="noise of ancestral samplers and DDIM")
+    t.add_argument("--out", default="outputs", help="output folder (files are never overwritten)")
+    _add_model_args(t)
+
+    i = sub.add_parser("info", help="show what a checkpoint is")
+    i.add_argument("model", help="checkpoint file, diffusers folder or hub repo id")
+    i.add_argument("--prediction", choices=["eps", "v"])
+    return parser
+
+
+def _txt2img(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .engine import load
+    from .images import save_png
+
+    params = GenerationParams(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg_scale=args.cfg_scale,
+        sampler=args.sampler, scheduler=args.scheduler, seed=args.seed, width=args.width, height=args.height,
+        batch_size=args.batch_size, clip_skip=args.clip_skip, eta=args.eta,
+    ).validated()  # check arguments before spending time on loading
+    t0 = time.perf_counter()
+    engine = load(args.model, dtype=args.dtype, device=args.device, prediction=args.prediction)
+    for note in engine.loaded.notes:
+        print(f"stablekit: {note}", file=sys.stderr)
+    print(f"stablekit: loaded {engine.config.name} in {time.perf_counter() - t0:.1f}s "
+          f"({engine.device.type}, {args.dtype})", file=sys.stderr)
+    with tqdm(total=params.steps, unit="step", file=sys.stderr, desc="sampling") as bar:
+        images = engine.txt2img(params, callback=lambda i, n, x0: bar.update(1))
+    for k, image in enumerate(images):
+        print(save_png(image, Path(args.out), params.seed + k), flush=True)
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import _shapes, open_checkpoint
+    from .models import StableDiffusionModel
+
+    ckpt = open_checkpoint(args.model, prediction=args.prediction)
+    cfg = ckpt.config
+    with torch.device("meta"):
+        model = StableDiffusionModel(cfg)
+
+    def count(m: torch.nn.Module) -> str:
+        return f"{sum(p.numel() for p in m.parameters()) / 1e6:,.1f}M"
+
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in _shapes(ckpt.tensors).values()})
+    rows = [
+        ("model", ckpt.name),
+        ("family", cfg.family),
+        ("variant", cfg.variant),
+        ("prediction", cfg.prediction),
+        ("stored dtype", ", ".join(dtypes)),
+        ("text encoder", f"{cfg.text.layout}, {cfg.text.layers} layers, width {cfg.text.width}: {count(model.text_encoder)}"),
+        ("unet", f"{cfg.unet.in_channels} input channels, context {cfg.unet.context_dim}: {count(model.unet)}"),
+        ("vae", f"{cfg.vae.z_channels}-channel latent, scale {cfg.vae.scale_factor:g}: {count(model.vae)}"),
+    ]
+    for key, value in rows:
+        print(f"{key:14} {value}")
+    for note in ckpt.notes:
+        print(f"{'note':14} {note}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"txt2img": _txt2img, "info": _info}[args.command](args)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"stablekit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stablekit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Frozen configuration dataclasses for the three networks, and the named presets.
+
+A config describes shapes only; weights come from `checkpoint.py`. The presets are the
+real Stable Diffusion sizes; `checkpoint.detect()` builds configs for any size from the
+tensor shapes of a checkpoint and uses the presets' naming only for reporting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+Family = Literal["sd1", "sd2"]
+Variant = Literal["base", "inpaint"]
+Prediction = Literal["eps", "v"]
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """CLIP text tower. `layout` picks the checkpoint key layout (and the activation)."""
+
+    layout: Literal["clip", "openclip"] = "clip"  # SD 1.x transformers CLIP, SD 2.x OpenCLIP
+    vocab_size: int = 49408
+    width: int = 768
+    layers: int = 12  # blocks that are computed (SD 2 files carry one more, never used)
+    heads: int = 12
+    mlp_width: int = 3072
+    max_positions: int = 77
+
+    @property
+    def activation(self) -> str:
+        return "quick_gelu" if self.layout == "clip" else "gelu"
+
+    @property
+    def pad_id(self) -> int:
+        # SD 1 pads with <|endoftext|> (transformers' tokenizer), SD 2 with 0 (open_clip).
+        return 49407 if self.layout == "clip" else 0
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The LDM `openaimodel.UNetModel` as Stable Diffusion configures it."""
+
+    in_channels: int = 4  # 4 base, 9 inpainting (noisy latent + mask + masked-image latent)
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = (0, 1, 2)  # levels (0 = full latent size) with transformers
+    num_heads: int = 8  # SD 1: fixed head count ...
+    num_head_channels: int = -1  # ... SD 2: fixed 64 channels per head (then num_heads = -1)
+    transformer_depth: int = 1
+    context_dim: int = 768
+    use_linear_in_transformer: bool = False  # SD 2: Linear proj_in/out instead of 1x1 conv
+
+    def heads_for(self, channels: int) -> int:
+        if self.num_head_channels > 0:
+            if channels % self.num_head_channels:
+                raise ValueError(f"{channels} channels do not split into heads of {self.num_head_channels}")
+            return channels // self.num_head_channels
+        return self.num_heads
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """The KL autoencoder (`first_stage_model`)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 4
+    scale_factor: float = 0.18215
+
+    @property
+    def downscale(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The discrete DDPM noise schedule the model was trained with (scaled_linear betas)."""
+
+    linear_start: float = 0.00085
+    linear_end: float = 0.012
+    timesteps: int = 1000
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: Family
+    variant: Variant
+    prediction: Prediction
+    text: TextEncoderConfig
+    unet: UNetConfig
+    vae: VAEConfig
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    @property
+    def name(self) -> str:
+        suffix = "-inpainting" if self.variant == "inpaint" else ""
+        v = "-v" if self.prediction == "v" else ""
+        return f"{self.family}{suffix}{v}"
+
+    def with_prediction(self, prediction: Prediction) -> ModelConfig:
+        return replace(self, prediction=prediction)
+
+
+SD1_TEXT = TextEncoderConfig()
+SD2_TEXT = TextEncoderConfig(layout="openclip", width=1024, layers=23, heads=16, mlp_width=4096)
+SD1_UNET = UNetConfig()
+SD2_UNET = UNetConfig(num_heads=-1, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
+
+PRESETS: dict[str, ModelConfig] = {
+    "sd1": ModelConfig("sd1", "base", "eps", SD1_TEXT, SD1_UNET, VAEConfig()),
+    "sd1-inpainting": ModelConfig("sd1", "inpaint", "eps", SD1_TEXT, replace(SD1_UNET, in_channels=9), VAEConfig()),
+    "sd2": ModelConfig("sd2", "base", "eps", SD2_TEXT, SD2_UNET, VAEConfig()),
+    "sd2-v": ModelConfig("sd2", "base", "v", SD2_TEXT, SD2_UNET, VAEConfig()),
+    "sd2-inpainting": ModelConfig("sd2", "inpaint", "eps", SD2_TEXT, replace(SD2_UNET, in_channels=9), VAEConfig()),
+}

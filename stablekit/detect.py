@@ -1,0 +1,183 @@
+"""Model detection: read an LDM-layout state dict's keys and shapes, return its configs.
+
+Everything that the weights determine is read from them (sizes, depth, attention levels,
+input channels, text-encoder layout). What they cannot tell (prediction type, head counts
+of non-standard sizes) comes from `Hints`, which the loader fills from a config file, a
+sidecar `.yaml` or a flag; each hint records where it came from.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+from .config import (
+    SD1_UNET,
+    SD2_UNET,
+    ModelConfig,
+    Prediction,
+    TextEncoderConfig,
+    UNetConfig,
+    VAEConfig,
+)
+
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+CLIP = "cond_stage_model.transformer.text_model."
+OPENCLIP = "cond_stage_model.model."
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with a message meant for a person."""
+
+
+@dataclass(frozen=True)
+class Hints:
+    """Facts the weights cannot tell, each with the name of its source (None = not given)."""
+
+    prediction: Prediction | None = None
+    prediction_source: str | None = None
+    unet_num_heads: int | None = None
+    unet_num_head_channels: int | None = None
+    vae_scale_factor: float | None = None
+    text_layers: int | None = None  # computed blocks; SD 2 files carry one more
+
+
+def _count(sd: Mapping, pattern: str) -> int:
+    rx = re.compile(pattern)
+    found = {int(m.group(1)) for k in sd if (m := rx.match(k))}
+    return max(found) + 1 if found else 0
+
+
+def _shape(sd: Mapping, key: str) -> tuple[int, ...]:
+    if key not in sd:
+        raise CheckpointError(f"not a Stable Diffusion checkpoint: key '{key}' is missing")
+    return tuple(sd[key].shape)
+
+
+def detect_unet(sd: Mapping, hints: Hints) -> UNetConfig:
+    p = UNET
+    mc, in_ch = _shape(sd, p + "input_blocks.0.0.weight")[:2]
+    out_ch = _shape(sd, p + "out.2.weight")[0]
+    n_in = _count(sd, re.escape(p) + r"input_blocks\.(\d+)\.")
+    # Walk the input blocks: res blocks (with optional transformer) until a downsample ends the level.
+    levels: list[list[int]] = [[]]
+    for i in range(1, n_in):
+        if p + f"input_blocks.{i}.0.op.weight" in sd:
+            levels.append([])
+        else:
+            levels[-1].append(i)
+    num_res = len(levels[0])
+    if num_res == 0 or any(len(lv) != num_res for lv in levels):
+        raise CheckpointError("unsupported UNet layout: levels have different numbers of res blocks")
+    mults = [_shape(sd, p + f"input_blocks.{lv[0]}.0.out_layers.3.weight")[0] // mc for lv in levels]
+    attention = tuple(n for n, lv in enumerate(levels) if p + f"input_blocks.{lv[0]}.1.norm.weight" in sd)
+    if not attention:
+        raise CheckpointError("unsupported UNet layout: no cross-attention blocks")
+    first = p + f"input_blocks.{levels[attention[0]][0]}.1."
+    depth = _count(sd, re.escape(first) + r"transformer_blocks\.(\d+)\.")
+    context_dim = _shape(sd, first + "transformer_blocks.0.attn2.to_k.weight")[1]
+    use_linear = len(_shape(sd, first + "proj_in.weight")) == 2
+    # Head counts are not in the weights: SD 1 uses 8 heads, SD 2 64 channels per head.
+    base = SD2_UNET if context_dim == 1024 or use_linear else SD1_UNET
+    heads, head_ch = base.num_heads, base.num_head_channels
+    if hints.unet_num_heads or hints.unet_num_head_channels:
+        heads = hints.unet_num_heads or -1
+        head_ch = hints.unet_num_head_channels or -1
+    return UNetConfig(
+        in_channels=in_ch,
+        out_channels=out_ch,
+        model_channels=mc,
+        channel_mult=tuple(mults),
+        num_res_blocks=num_res,
+        attention_levels=attention,
+        num_heads=heads,
+        num_head_channels=head_ch,
+        transformer_depth=depth,
+        context_dim=context_dim,
+        use_linear_in_transformer=use_linear,
+    )
+
+
+def detect_vae(sd: Mapping, hints: Hints) -> VAEConfig:
+    p = VAE + "encoder."
+    ch, in_ch = _shape(sd, p + "conv_in.weight")[:2]
+    n_levels = _count(sd, re.escape(p) + r"down\.(\d+)\.")
+    num_res = _count(sd, re.escape(p) + r"down\.0\.block\.(\d+)\.")
+    mults = tuple(_shape(sd, p + f"down.{i}.block.0.conv2.weight")[0] // ch for i in range(n_levels))
+    z = _shape(sd, VAE + "decoder.conv_in.weight")[1]
+    out_ch = _shape(sd, VAE + "decoder.conv_out.weight")[0]
+    scale = hints.vae_scale_factor if hints.vae_scale_factor is not None else VAEConfig.scale_factor
+    return VAEConfig(in_ch, out_ch, ch, mults, num_res, z, scale)
+
+
+def detect_text(sd: Mapping, hints: Hints) -> TextEncoderConfig:
+    if CLIP + "embeddings.token_embedding.weight" in sd:
+        vocab, width = _shape(sd, CLIP + "embeddings.token_embedding.weight")
+        layers = _count(sd, re.escape(CLIP) + r"encoder\.layers\.(\d+)\.")
+        mlp = _shape(sd, CLIP + "encoder.layers.0.mlp.fc1.weight")[0]
+        positions = _shape(sd, CLIP + "embeddings.position_embedding.weight")[0]
+        layout = "clip"
+    elif OPENCLIP + "token_embedding.weight" in sd:
+        vocab, width = _shape(sd, OPENCLIP + "token_embedding.weight")
+        # Original SD 2 files carry all blocks but use the penultimate one's output.
+        layers = _count(sd, re.escape(OPENCLIP) + r"transformer\.resblocks\.(\d+)\.") - 1
+        mlp = _shape(sd, OPENCLIP + "transformer.resblocks.0.mlp.c_fc.weight")[0]
+        positions = _shape(sd, OPENCLIP + "positional_embedding")[0]
+        layout = "openclip"
+    else:
+        raise CheckpointError(
+            "no text encoder found: expected keys under 'cond_stage_model.transformer.text_model.' (SD 1.x) "
+            "or 'cond_stage_model.model.' (SD 2.x)"
+        )
+    if hints.text_layers is not None:
+        layers = hints.text_layers
+    if layers < 1:
+        raise CheckpointError("the text encoder has no transformer blocks")
+    return TextEncoderConfig(layout, vocab, width, layers, max(1, width // 64), mlp, positions)
+
+
+def detect(sd: Mapping, hints: Hints = Hints()) -> ModelConfig:
+    """LDM-layout state dict (tensors or meta tensors) -> ModelConfig."""
+    if not any(k.startswith(UNET) for k in sd):
+        raise CheckpointError(
+            "not a Stable Diffusion checkpoint: no 'model.diffusion_model.*' keys "
+            f"(found {len(sd)} keys, e.g. {', '.join(list(sd)[:3]) or 'none'})"
+        )
+    unet = detect_unet(sd, hints)
+    text = detect_text(sd, hints)
+    if text.width != unet.context_dim:
+        raise CheckpointError(f"text encoder width {text.width} does not match UNet context width {unet.context_dim}")
+    family = "sd2" if text.layout == "openclip" else "sd1"
+    if unet.in_channels == 9:
+        variant = "inpaint"
+    elif unet.in_channels == 4:
+        variant = "base"
+    else:
+        raise CheckpointError(
+            f"UNet has {unet.in_channels} input channels; supported are 4 (base) and 9 (inpainting)"
+        )
+    return ModelConfig(family, variant, hints.prediction or "eps", text, unet, detect_vae(sd, hints))
+
+
+def unused_keys(key: str, cfg: ModelConfig) -> bool:
+    """Keys that real checkpoints carry but inference never uses (training state, unused heads)."""
+    if key.startswith(("model_ema.", "first_stage_model.loss.", "cond_stage_model.model.visual.")):
+        return True
+    if key in _TRAINING_BUFFERS or key.endswith("embeddings.position_ids"):
+        return True
+    if key in (OPENCLIP + "text_projection", OPENCLIP + "logit_scale", OPENCLIP + "attn_mask"):
+        return True
+    m = re.match(re.escape(OPENCLIP) + r"transformer\.resblocks\.(\d+)\.", key)
+    return bool(m) and int(m.group(1)) >= cfg.text.layers
+
+
+# DDPM buffers that LDM training saves next to the networks; we recompute the schedule.
+_TRAINING_BUFFERS = {
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "logvar", "model_ema.decay", "model_ema.num_updates",
+}
+

@@ -1,0 +1,81 @@
+"""Denoisers D(x, sigma) -> x0 in sigma space, and the wrappers composed around them.
+
+| name     | symbol (Karras et al. 2022, table 1, sigma_data = 1) |
+|----------|------------------------------------------------------|
+| c_in     | 1 / sqrt(sigma^2 + 1)   (network input scaling)      |
+| c_skip   | 1 / (sigma^2 + 1)       (v-prediction only)          |
+| c_out    | -sigma (eps), -sigma / sqrt(sigma^2 + 1) (v)         |
+
+Latents stay float32 in the sampler; only the network runs in the model dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+
+from .schedule import ModelSchedule
+
+UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t [B], context) -> out
+
+
+class Denoise(Protocol):
+    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor: ...
+
+
+class ModelDenoiser:
+    """Wraps a discrete-time eps- or v-prediction UNet as D(x, sigma, context)."""
+
+    def __init__(
+        self,
+        unet: UNetFn,
+        schedule: ModelSchedule,
+        prediction: str,
+        dtype: torch.dtype,
+        quantize: bool = False,
+    ):
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"unknown prediction type '{prediction}'; choose eps or v")
+        self.unet, self.schedule, self.prediction = unet, schedule, prediction
+        self.dtype = dtype
+        self.quantize = quantize  # round t to a trained timestep (diffusers' Karras/DPM schedulers do)
+
+    def __call__(
+        self, x: torch.Tensor, sigma: float, context: torch.Tensor, concat: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [B,4,h,w] float32 -> x0 estimate [B,4,h,w] float32. `concat`: extra input channels."""
+        c_in = (sigma**2 + 1) ** -0.5
+        t = torch.full((x.shape[0],), self.schedule.sigma_to_t(sigma, self.quantize), device=x.device)
+        net_in = x * c_in
+        if concat is not None:
+            net_in = torch.cat([net_in, concat.to(net_in.dtype)], dim=1)
+        out = self.unet(net_in.to(self.dtype), t, context.to(self.dtype)).float()
+        if self.prediction == "eps":
+            return x - sigma * out
+        return x * c_in**2 - out * (sigma * c_in)
+
+
+class CFGDenoiser:
+    """Classifier-free guidance (Ho & Salimans 2022): uncond + scale * (cond - uncond).
+
+    Cond and uncond go through the network as one batch; with scale 1 the uncond half is skipped.
+    """
+
+    def __init__(
+        self,
+        model: ModelDenoiser,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        scale: float,
+        concat: torch.Tensor | None = None,
+    ):
+        self.model, self.cond, self.uncond, self.scale, self.concat = model, cond, uncond, scale, concat
+
+    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        if self.scale == 1.0:
+            return self.model(x, sigma, self.cond, self.concat)
+        concat = None if self.concat is None else torch.cat([self.concat, self.concat])
+        both = self.model(torch.cat([x, x]), sigma, torch.cat([self.cond, self.uncond]), concat)
+        cond, uncond = both.chunk(2)
+        return uncond + (cond - uncond) * self.scale

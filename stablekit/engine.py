@@ -1,0 +1,107 @@
+"""Engine: owns a loaded model, its device and dtype; turns GenerationParams into pictures."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from . import __version__
+from .checkpoint import LoadedModel, load_model
+from .config import Prediction
+from .diffusion.samplers import Callback
+from .diffusion.schedule import ModelSchedule
+from .images import infotext, to_pil
+from .models.tokenizer import CLIPTokenizer
+from .params import GenerationParams
+from .pipeline import tasks
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA device is available")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"unknown device '{device}'; choose cpu, cuda or auto")
+    return torch.device(device)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype '{name}'; choose from {', '.join(DTYPES)}")
+    if name == "fp16" and device.type == "cpu":
+        raise ValueError("fp16 is not supported on the CPU (slow and overflow-prone); use --dtype bf16 or fp32")
+    return DTYPES[name]
+
+
+class Engine:
+    """Load once, generate many: `engine = stablekit.load(path)`; `engine.txt2img(prompt=...)`."""
+
+    def __init__(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype, quantize_timesteps: bool = False):
+        self.loaded = loaded
+        self.device = device
+        self.dtype = dtype
+        cfg = loaded.config
+        self.context = tasks.TaskContext(
+            loaded.model, CLIPTokenizer(pad_id=cfg.text.pad_id), ModelSchedule(cfg.schedule), device, dtype,
+            quantize_timesteps,
+        )
+
+    @property
+    def config(self):
+        return self.loaded.config
+
+    def _infotext(self, p: GenerationParams, seed: int) -> str:
+        fields = {
+            "Steps": p.steps,
+            "Sampler": p.sampler,
+            "Schedule type": p.schedule_label,
+            "CFG scale": float(p.cfg_scale),
+            "Seed": seed,
+            "Size": f"{p.width}x{p.height}",
+            "Model hash": self.loaded.short_hash,
+            "Model": self.loaded.name,
+            "Clip skip": p.clip_skip if p.clip_skip > 1 else None,
+            "Eta": p.eta,
+            "Version": f"stablekit {__version__}",
+        }
+        return infotext(p.prompt, p.negative_prompt, fields)
+
+    def txt2img_tensor(
+        self, params: GenerationParams, *, noise: torch.Tensor | None = None, callback: Callback | None = None
+    ) -> tuple[torch.Tensor, GenerationParams]:
+        """Float pictures [B, 3, H, W] in [0, 1] and the validated params (with the concrete seed)."""
+        p = params.validated()
+        return tasks.txt2img(self.context, p, noise=noise, callback=callback), p
+
+    def txt2img(
+        self, params: GenerationParams | None = None, *, noise: torch.Tensor | None = None,
+        callback: Callback | None = None, **fields,
+    ) -> list[Image.Image]:
+        """PIL pictures, each carrying its A1111 infotext in `image.info["parameters"]`."""
+        params = replace(params or GenerationParams(), **fields)
+        pictures, p = self.txt2img_tensor(params, noise=noise, callback=callback)
+        images = to_pil(pictures)
+        for i, image in enumerate(images):
+            image.info["parameters"] = self._infotext(p, p.seed + i)
+        return images
+
+
+def load(
+    model: str | Path,
+    *,
+    dtype: str = "fp32",
+    device: str | None = None,
+    prediction: Prediction | None = None,
+    quantize_timesteps: bool = False,
+) -> Engine:
+    """Load a checkpoint file, diffusers folder or hub id into an Engine."""
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    loaded = load_model(model, dtype=torch_dtype, device=dev, prediction=prediction)
+    return Engine(loaded, dev, torch_dtype, quantize_timesteps)

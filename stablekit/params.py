@@ -1,0 +1,84 @@
+"""GenerationParams: the one parameter schema shared by the CLI, the Python API and (later) HTTP."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, fields, replace
+
+from .diffusion.samplers import SamplerSpec, find_sampler
+from .diffusion.schedule import SCHEDULE_LABELS, resolve_schedule
+
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 20
+    cfg_scale: float = 7.0
+    sampler: str = "DPM++ 2M"
+    scheduler: str = "automatic"
+    seed: int = -1  # -1: random
+    width: int = 512
+    height: int = 512
+    batch_size: int = 1
+    clip_skip: int = 1  # A1111 numbering: 1 = last layer
+    eta: float | None = None  # ancestral/DDIM noise; None = the sampler's default
+    s_noise: float = 1.0
+
+    def validated(self) -> GenerationParams:
+        """Check every field; returns a copy with names canonicalised and a concrete seed."""
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 8 or v % 8:
+                raise ValueError(f"{name} must be a positive multiple of 8 (the latent is 1/8 of the picture), got {v}")
+            if v > 8192:
+                raise ValueError(f"{name} {v} is too large (at most 8192)")
+        if not 1 <= self.steps <= 1000:
+            raise ValueError(f"steps must be between 1 and 1000, got {self.steps}")
+        if not 0 <= self.cfg_scale <= 100:
+            raise ValueError(f"cfg scale must be between 0 and 100, got {self.cfg_scale}")
+        if not 1 <= self.batch_size <= 64:
+            raise ValueError(f"batch size must be between 1 and 64, got {self.batch_size}")
+        if self.clip_skip < 1:
+            raise ValueError(f"clip skip must be at least 1, got {self.clip_skip}")
+        if self.eta is not None and not 0 <= self.eta <= 10:
+            raise ValueError(f"eta must be between 0 and 10, got {self.eta}")
+        if not -1 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be -1 (random) or between 0 and {MAX_SEED}, got {self.seed}")
+        spec, named_schedule = find_sampler(self.sampler)
+        schedule = resolve_schedule(self.scheduler)
+        if named_schedule and schedule == "automatic":
+            schedule = named_schedule
+        if self.eta is not None and "eta" not in spec.options:
+            raise ValueError(f"sampler '{spec.name}' takes no eta")
+        seed = random.randrange(MAX_SEED - self.batch_size) if self.seed == -1 else self.seed
+        if seed + self.batch_size - 1 > MAX_SEED:
+            raise ValueError(f"seed {seed} + batch size {self.batch_size} goes past {MAX_SEED}")
+        return replace(self, sampler=spec.name, scheduler=schedule, seed=seed)
+
+    @property
+    def sampler_spec(self) -> SamplerSpec:
+        return find_sampler(self.sampler)[0]
+
+    @property
+    def schedule_name(self) -> str:
+        """The concrete schedule: "automatic" resolved to the sampler's usual default."""
+        return self.sampler_spec.default_schedule if self.scheduler == "automatic" else self.scheduler
+
+    @property
+    def schedule_label(self) -> str:
+        return SCHEDULE_LABELS[self.schedule_name]
+
+    def sampler_options(self) -> dict:
+        options = {}
+        if "eta" in self.sampler_spec.options and self.eta is not None:
+            options["eta"] = self.eta
+        if "s_noise" in self.sampler_spec.options:
+            options["s_noise"] = self.s_noise
+        return options
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

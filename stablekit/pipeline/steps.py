@@ -1,0 +1,64 @@
+"""The shared steps every task composes: prompt -> cond, seed -> noise, sampling, decoding."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..diffusion.samplers import Callback, SamplerSpec
+from ..models import StableDiffusionModel
+from ..models.tokenizer import CLIPTokenizer
+
+
+@torch.inference_mode()
+def encode_prompt(
+    model: StableDiffusionModel, tokenizer: CLIPTokenizer, prompts: list[str], clip_skip: int = 1
+) -> torch.Tensor:
+    """prompts (B) -> text embeddings [B, 77, C] in the model's dtype. Tokens past 75 are dropped."""
+    device = next(model.text_encoder.parameters()).device
+    ids = tokenizer(prompts).to(device)  # [B, 77]
+    return model.text_encoder(ids, clip_skip=clip_skip)
+
+
+def generators_for(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per image: the same seed gives the same noise on every device."""
+    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+
+def initial_noise(generators: list[torch.Generator], shape: tuple[int, int, int]) -> torch.Tensor:
+    """[B, C, h, w] float32 standard normal noise, image i drawn from generator i."""
+    return torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators])
+
+
+@torch.inference_mode()
+def denoise(
+    denoiser,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    spec: SamplerSpec,
+    generators: list[torch.Generator],
+    *,
+    start: torch.Tensor | None = None,
+    callback: Callback | None = None,
+    options: dict | None = None,
+) -> torch.Tensor:
+    """Run `spec` over `sigmas` from `start` (default zeros) noised to sigmas[0].
+
+    Returns the variance-preserving latent at the last sigma (x / sqrt(1 + sigma^2)), which is
+    the clean latent when the schedule ends at zero and DDIM's x at t=0 otherwise.
+    """
+    x = noise * spec.initial_noise_scale(float(sigmas[0]))
+    if start is not None:
+        x = x + start
+    x = spec.fn(denoiser, x, sigmas, generator=generators, callback=callback, **(options or {}))
+    return x / math.sqrt(1 + float(sigmas[-1]) ** 2)
+
+
+@torch.inference_mode()
+def decode(model: StableDiffusionModel, latents: torch.Tensor) -> torch.Tensor:
+    """scaled latents [B, 4, h, w] -> pictures [B, 3, 8h, 8w] float32 in [0, 1]."""
+    vae = model.vae
+    dtype = next(vae.parameters()).dtype
+    pictures = vae.decode((latents / vae.cfg.scale_factor).to(dtype)).float()
+    return ((pictures + 1) / 2).clamp(0, 1)
