@@ -234,18 +234,23 @@ def read_diffusers_folder(folder: Path) -> tuple[dict[str, torch.Tensor], Hints,
 
 
 def _download(repo_id: str) -> Path:
-    """A hub repo id -> local diffusers folder (cached by huggingface_hub)."""
+    """A hub id -> local path: `owner/name` is a diffusers repo, `owner/name/file.safetensors` one file."""
+    parts = repo_id.split("/")
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import hf_hub_download, snapshot_download
 
-        patterns = ["model_index.json", "*/config.json", "scheduler/*.json", "unet/*.safetensors",
-                    "vae/*.safetensors", "text_encoder/*.safetensors"]
+        if len(parts) > 2:
+            return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
+        # Only the full-precision weights of the three networks: no fp16/EMA variants, no safety checker.
+        patterns = ["model_index.json", "*/config.json", "scheduler/*.json",
+                    "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                    "text_encoder/model.safetensors"]
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, gated repo: all reach the user as one clear message
         raise CheckpointError(
             f"cannot get '{repo_id}' from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-            f"On a machine with internet run `huggingface-cli download {repo_id}` and pass the folder, "
-            "or pass a local .safetensors file."
+            f"On a machine with internet run `huggingface-cli download {'/'.join(parts[:2])}` and pass the "
+            "downloaded folder, or pass a local .safetensors file."
         ) from None
 
 
@@ -257,7 +262,8 @@ def resolve(spec: str | Path) -> Path:
     if path.exists():
         return path
     text = str(spec)
-    if text.count("/") == 1 and not text.startswith((".", "/")) and not text.endswith(SINGLE_FILE_SUFFIXES):
+    hub_like = text.count("/") == 1 or (text.count("/") >= 2 and text.endswith(SINGLE_FILE_SUFFIXES))
+    if hub_like and not text.startswith((".", "/", "~")):
         return _download(text)
     raise CheckpointError(f"model '{spec}' not found: give a checkpoint file, a diffusers folder or a hub repo id")
 
