@@ -19,10 +19,11 @@ from ..config import UNetConfig
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm with statistics in float32 whatever the activations' dtype (as LDM does)."""
+    """GroupNorm computed in float32 whatever the weights' and activations' dtype (as LDM does)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        y = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
+        return y.to(x.dtype)
 
 
 def normalization(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
