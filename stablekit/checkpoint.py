@@ -22,7 +22,7 @@ import torch
 
 from .config import ModelConfig, Prediction, ScheduleConfig
 from .detect import CheckpointError, Hints, detect, unused_keys
-from .diffusers_keys import clip_to_ldm, openclip_to_ldm, unet_to_ldm, vae_to_ldm
+from .diffusers_keys import Recipe, clip_to_ldm, openclip_to_ldm, unet_to_ldm, vae_to_ldm
 from .models import StableDiffusionModel
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -132,8 +132,30 @@ def read_tensors(path: Path) -> Mapping[str, torch.Tensor]:
     return _read_pickle(path)
 
 
+class _Remapped(Mapping[str, torch.Tensor]):
+    """New key -> tensor made on access from source tensors by a recipe (see diffusers_keys)."""
+
+    def __init__(self, parts: list[tuple[Mapping[str, torch.Tensor], dict[str, Recipe]]]):
+        self._recipes = {k: (source, recipe) for source, recipes in parts for k, recipe in recipes.items()}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        source, (keys, combine) = self._recipes[key]
+        return combine(*(source[k] for k in keys))
+
+    def __iter__(self):
+        return iter(self._recipes)
+
+    def __len__(self) -> int:
+        return len(self._recipes)
+
+    def shapes(self) -> dict[str, torch.Tensor]:
+        shapes = {id(s): _shapes(s) for s, _ in self._recipes.values()}
+        return {k: combine(*(shapes[id(s)][x] for x in keys)) for k, (s, (keys, combine)) in self._recipes.items()}
+
+
 def _shapes(sd: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-    return sd.shapes() if isinstance(sd, _LazyTensors) else sd
+    """Meta tensors (shape and dtype only) for lazily read mappings; the mapping itself otherwise."""
+    return sd.shapes() if isinstance(sd, (_LazyTensors, _Remapped)) else sd
 
 
 # --- hints: what the weights cannot tell --------------------------------------------------------------
@@ -201,7 +223,7 @@ def _unet_head_hints(conf: dict) -> dict:
     return {"unet_num_head_channels": per_head.pop()}
 
 
-def read_diffusers_folder(folder: Path) -> tuple[dict[str, torch.Tensor], Hints, ScheduleConfig, list[str]]:
+def read_diffusers_folder(folder: Path) -> tuple[Mapping[str, torch.Tensor], Hints, ScheduleConfig, list[str]]:
     for sub in ("unet", "vae", "text_encoder"):
         if not (folder / sub / "config.json").is_file():
             raise CheckpointError(f"{folder}: not a diffusers Stable Diffusion folder ({sub}/config.json is missing)")
@@ -214,11 +236,15 @@ def read_diffusers_folder(folder: Path) -> tuple[dict[str, torch.Tensor], Hints,
     def load(sub: str, stems: tuple[str, ...]) -> Mapping[str, torch.Tensor]:
         return read_tensors(_component_weights(folder / sub, stems))
 
-    sd = unet_to_ldm(load("unet", ("diffusion_pytorch_model",)), unet_conf.get("layers_per_block", 2))
-    sd.update(vae_to_ldm(load("vae", ("diffusion_pytorch_model",)), len(vae_conf["block_out_channels"])))
+    unet = load("unet", ("diffusion_pytorch_model",))
+    vae = load("vae", ("diffusion_pytorch_model",))
     text = load("text_encoder", ("model", "pytorch_model"))
     openclip = text_conf.get("hidden_act") == "gelu"  # SD 2's OpenCLIP tower; SD 1's CLIP uses quick_gelu
-    sd.update(openclip_to_ldm(text) if openclip else clip_to_ldm(text))
+    sd = _Remapped([
+        (unet, unet_to_ldm(unet, unet_conf.get("layers_per_block", 2))),
+        (vae, vae_to_ldm(vae, len(vae_conf["block_out_channels"]))),
+        (text, openclip_to_ldm(text) if openclip else clip_to_ldm(text)),
+    ])
 
     pred = {"epsilon": "eps", "v_prediction": "v"}.get(sched_conf.get("prediction_type", ""))
     hints = Hints(

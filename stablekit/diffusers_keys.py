@@ -1,19 +1,34 @@
-"""The one conversion table: diffusers-format component state dicts -> original LDM keys.
+"""The one conversion table: diffusers-format component keys -> original LDM keys.
 
 Each rule is a regex over a diffusers key and a function giving the LDM key. Block numbers
 are computed from the layout (`layers` res blocks per level), so one table covers any size.
+The converters work on key names only and return recipes (source keys + how to combine
+them), so tensors are read, reshaped or fused one at a time when the loader asks for them.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Callable, Mapping
+from typing import Callable, Iterable
 
 import torch
 
 from .detect import CheckpointError
 
 Rule = tuple[str, Callable[..., str]]
+Recipe = tuple[tuple[str, ...], Callable[..., torch.Tensor]]  # source keys, combine(*tensors)
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _conv1x1(t: torch.Tensor) -> torch.Tensor:
+    return t[:, :, None, None] if t.ndim == 2 else t  # diffusers stores the VAE's 1x1 convs as Linear
+
+
+def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.cat([q, k, v])
 
 _RESNET_UNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -30,9 +45,10 @@ def _apply(rules: list[Rule], key: str) -> str:
     raise CheckpointError(f"diffusers key '{key}' has no counterpart in the original layout")
 
 
-def unet_to_ldm(sd: Mapping[str, torch.Tensor], layers_per_block: int) -> dict[str, torch.Tensor]:
+def unet_to_ldm(keys: Iterable[str], layers_per_block: int) -> dict[str, Recipe]:
+    keys = list(keys)
     L = layers_per_block
-    up_has_attention = {int(m.group(1)) for k in sd if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
+    up_has_attention = {int(m.group(1)) for k in keys if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
 
     def res(part: str, rest: str) -> str:
         return f"{_RESNET_UNET[part]}.{rest}"
@@ -56,10 +72,10 @@ def unet_to_ldm(sd: Mapping[str, torch.Tensor], layers_per_block: int) -> dict[s
         (r"conv_norm_out\.(.+)", lambda r: f"out.0.{r}"),
         (r"conv_out\.(.+)", lambda r: f"out.2.{r}"),
     ]
-    return {"model.diffusion_model." + _apply(rules, k): v for k, v in sd.items()}
+    return {"model.diffusion_model." + _apply(rules, k): ((k,), _same) for k in keys}
 
 
-def vae_to_ldm(sd: Mapping[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
+def vae_to_ldm(keys: Iterable[str], levels: int) -> dict[str, Recipe]:
     def res(part: str, rest: str) -> str:
         return f"{_RESNET_VAE[part]}.{rest}"
 
@@ -79,25 +95,23 @@ def vae_to_ldm(sd: Mapping[str, torch.Tensor], levels: int) -> dict[str, torch.T
         (r"(quant_conv|post_quant_conv)\.(.+)", lambda c, r: f"{c}.{r}"),
     ]
     out = {}
-    for k, v in sd.items():
+    for k in keys:
         new = _apply(rules, k)
-        if ".mid.attn_1." in new and new.endswith("weight") and v.ndim == 2:
-            v = v[:, :, None, None]  # diffusers stores the 1x1 convs as Linear weights
-        out["first_stage_model." + new] = v
+        out["first_stage_model." + new] = ((k,), _conv1x1 if ".mid.attn_1." in new else _same)
     return out
 
 
-def _text_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _text_keys(keys: Iterable[str]) -> dict[str, str]:
     """transformers < 5 saves CLIPTextModel keys under `text_model.`, 5.x without it: accept both."""
-    return {k.removeprefix("text_model."): v for k, v in sd.items() if not k.endswith("position_ids")}
+    return {k.removeprefix("text_model."): k for k in keys if not k.endswith("position_ids")}
 
 
-def clip_to_ldm(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def clip_to_ldm(keys: Iterable[str]) -> dict[str, Recipe]:
     """transformers CLIPTextModel (SD 1.x): same names under a prefix."""
-    return {"cond_stage_model.transformer.text_model." + k: v for k, v in _text_keys(sd).items()}
+    return {"cond_stage_model.transformer.text_model." + k: ((src,), _same) for k, src in _text_keys(keys).items()}
 
 
-def openclip_to_ldm(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def openclip_to_ldm(keys: Iterable[str]) -> dict[str, Recipe]:
     """transformers CLIPTextModel (SD 2.x) -> OpenCLIP names, fusing q/k/v into in_proj."""
     p = "cond_stage_model.model."
     rules: list[Rule] = [
@@ -109,16 +123,16 @@ def openclip_to_ldm(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         (r"encoder\.layers\.(\d+)\.mlp\.fc1\.(.+)", lambda i, r: f"transformer.resblocks.{i}.mlp.c_fc.{r}"),
         (r"encoder\.layers\.(\d+)\.mlp\.fc2\.(.+)", lambda i, r: f"transformer.resblocks.{i}.mlp.c_proj.{r}"),
     ]
-    out: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for k, v in _text_keys(sd).items():
+    out: dict[str, Recipe] = {}
+    qkv: dict[tuple[str, str], dict[str, str]] = {}
+    for k, src in _text_keys(keys).items():
         m = re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", k)
         if m:
-            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = v
+            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = src
             continue
-        out[p + _apply(rules, k)] = v
+        out[p + _apply(rules, k)] = ((src,), _same)
     for (i, kind), parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
             raise CheckpointError(f"text encoder layer {i}: q/k/v {kind} incomplete ({sorted(parts)})")
-        out[p + f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+        out[p + f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = ((parts["q"], parts["k"], parts["v"]), _fuse_qkv)
     return out
