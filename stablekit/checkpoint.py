@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import zipfile
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping
@@ -102,6 +102,12 @@ def _read_safetensors(path: Path) -> Mapping[str, torch.Tensor]:
     return _LazyTensors(keys, shape_of, read)
 
 
+def _reason(e: BaseException) -> str:
+    """The first line of an exception's message, without terminal colour codes; its type if it has none."""
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
 def _read_pickle(path: Path) -> Mapping[str, torch.Tensor]:
     try:
         try:
@@ -111,14 +117,18 @@ def _read_pickle(path: Path) -> Mapping[str, torch.Tensor]:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).splitlines()[0] if str(e) else "unsupported content"
-        raise CheckpointError(
-            f"{path.name}: refused to load. The pickle holds more than tensors and would run code when loaded "
-            f"({reason}). Nothing in it was executed. Convert it to .safetensors with a tool you trust, "
-            "or get a .safetensors copy of the model."
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{path.name}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+        # weights_only refuses any global it does not know, before calling it.
+        wanted = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if wanted or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{path.name}: refused to load. The pickle asks for "
+                f"{wanted.group(1) if wanted else 'a Python object'}, which would run code when loaded; "
+                "nothing in it was executed. Convert it to .safetensors with a tool you trust, "
+                "or get a .safetensors copy of the model."
+            ) from None
+        raise CheckpointError(f"{path.name}: not a readable PyTorch checkpoint (damaged or not a checkpoint: {_reason(e)})") from None
+    except Exception as e:  # torch.load raises many types for damaged files (EOFError, KeyError, zip errors...)
+        raise CheckpointError(f"{path.name}: not a readable PyTorch checkpoint ({_reason(e)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -149,7 +159,8 @@ class _Remapped(Mapping[str, torch.Tensor]):
         return len(self._recipes)
 
     def shapes(self) -> dict[str, torch.Tensor]:
-        shapes = {id(s): _shapes(s) for s, _ in self._recipes.values()}
+        sources = {id(s): s for s, _ in self._recipes.values()}
+        shapes = {i: _shapes(s) for i, s in sources.items()}  # once per source, not per key
         return {k: combine(*(shapes[id(s)][x] for x in keys)) for k, (s, (keys, combine)) in self._recipes.items()}
 
 
@@ -274,7 +285,8 @@ def _download(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, gated repo: all reach the user as one clear message
         raise CheckpointError(
-            f"cannot get '{repo_id}' from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            f"'{repo_id}' is not a local file, and it cannot be had from the Hugging Face hub "
+            f"({type(e).__name__}{'' if _reason(e) == type(e).__name__ else ': ' + _reason(e)}). "
             f"On a machine with internet run `huggingface-cli download {'/'.join(parts[:2])}` and pass the "
             "downloaded folder, or pass a local .safetensors file."
         ) from None
@@ -288,8 +300,12 @@ def resolve(spec: str | Path) -> Path:
     if path.exists():
         return path
     text = str(spec)
-    hub_like = text.count("/") == 1 or (text.count("/") >= 2 and text.endswith(SINGLE_FILE_SUFFIXES))
-    if hub_like and not text.startswith((".", "/", "~")):
+    # Hub ids: `owner/name` (a diffusers repo) or `owner/name/file.safetensors`. A path whose first
+    # folder exists here, or that starts like a local path, is a local file that is missing.
+    repo_like = text.count("/") == 1 and not text.endswith(SINGLE_FILE_SUFFIXES)
+    file_like = text.count("/") >= 2 and text.endswith(SINGLE_FILE_SUFFIXES)
+    local_like = text.startswith((".", "/", "~")) or Path(text.split("/")[0]).is_dir()
+    if (repo_like or file_like) and not local_like:
         return _download(text)
     raise CheckpointError(f"model '{spec}' not found: give a checkpoint file, a diffusers folder or a hub repo id")
 

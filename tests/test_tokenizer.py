@@ -7,9 +7,6 @@ hub files, so no network access is needed.
 
 from __future__ import annotations
 
-import gzip
-import importlib.resources
-import json
 import random
 import unicodedata
 
@@ -18,37 +15,21 @@ import torch
 
 from stablekit.models.tokenizer import CLIPTokenizer
 
+from .conftest import vocab_files
+
 transformers = pytest.importorskip("transformers")
 
 MAX_LEN = 77
 
 
-def _gpt2_byte_chars() -> list[str]:
-    """Independent copy of GPT-2's bytes_to_unicode, in vocabulary order."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
-    data = importlib.resources.files("stablekit.models").joinpath("bpe_simple_vocab_16e6.txt.gz").read_bytes()
-    merges = gzip.decompress(data).decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    chars = _gpt2_byte_chars()
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    d = tmp_path_factory.mktemp("clip_tokenizer")
-    (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), "utf-8")
-    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", "utf-8")
+    """transformers' tokenizer from vocab.json + merges.txt written as the CLIP hub repos ship them."""
+    folder = tmp_path_factory.mktemp("clip_tokenizer")
+    vocab_files(folder)
     # NB: in transformers 5, CLIPTokenizer(vocab_file=..., merges_file=...) ignores
     # both files (placeholder vocab of 2 tokens); only from_pretrained converts them.
-    tok = transformers.CLIPTokenizer.from_pretrained(str(d))
+    tok = transformers.CLIPTokenizer.from_pretrained(str(folder))
     assert len(tok) == 49408
     return tok
 
