@@ -160,11 +160,11 @@ class _Remapped(Mapping[str, torch.Tensor]):
 
     def shapes(self) -> dict[str, torch.Tensor]:
         sources = {id(s): s for s, _ in self._recipes.values()}
-        shapes = {i: _shapes(s) for i, s in sources.items()}  # once per source, not per key
+        shapes = {i: shapes_of(s) for i, s in sources.items()}  # once per source, not per key
         return {k: combine(*(shapes[id(s)][x] for x in keys)) for k, (s, (keys, combine)) in self._recipes.items()}
 
 
-def _shapes(sd: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+def shapes_of(sd: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
     """Meta tensors (shape and dtype only) for lazily read mappings; the mapping itself otherwise."""
     return sd.shapes() if isinstance(sd, (_LazyTensors, _Remapped)) else sd
 
@@ -336,7 +336,7 @@ def open_checkpoint(spec: str | Path, *, prediction: Prediction | None = None) -
         raise CheckpointError(f"{path.name}: unknown checkpoint type; expected one of {', '.join(SINGLE_FILE_SUFFIXES)} or a folder")
     if prediction is not None:
         hints = replace(hints, prediction=prediction, prediction_source="--prediction")
-    cfg = replace(detect(_shapes(sd), hints), schedule=schedule)
+    cfg = replace(detect(shapes_of(sd), hints), schedule=schedule)
     source = hints.prediction_source or "default; weights cannot tell, use --prediction v or a .yaml for v-models"
     notes.append(f"prediction: {cfg.prediction} ({source})")
     return OpenedCheckpoint(cfg, sd, path.stem if path.is_file() else path.name, path, notes)
@@ -363,7 +363,7 @@ def build_and_load(
         model = StableDiffusionModel(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     present = [k for k in sd if not unused_keys(k, cfg)]
-    shapes = _shapes(sd)
+    shapes = shapes_of(sd)
     missing = sorted(set(expected) - set(present))
     unexpected = sorted(set(present) - set(expected))
     wrong = [f"{k}: file {tuple(shapes[k].shape)} vs model {tuple(expected[k])}"

@@ -75,7 +75,7 @@ def _txt2img(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import _shapes, open_checkpoint
+    from .checkpoint import shapes_of, open_checkpoint
     from .models import StableDiffusionModel
 
     ckpt = open_checkpoint(args.model, prediction=args.prediction)
@@ -86,7 +86,7 @@ def _info(args: argparse.Namespace) -> int:
     def count(m: torch.nn.Module) -> str:
         return f"{sum(p.numel() for p in m.parameters()) / 1e6:,.1f}M"
 
-    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in _shapes(ckpt.tensors).values()})
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in shapes_of(ckpt.tensors).values()})
     rows = [
         ("model", ckpt.name),
         ("family", cfg.family),

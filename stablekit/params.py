@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 from .diffusion.samplers import SamplerSpec, find_sampler
 from .diffusion.schedule import SCHEDULE_LABELS, resolve_schedule
@@ -78,7 +78,3 @@ class GenerationParams:
         if "s_noise" in self.sampler_spec.options:
             options["s_noise"] = self.s_noise
         return options
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]

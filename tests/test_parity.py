@@ -25,6 +25,12 @@ NEGATIVE = "blurry, low quality"
 IMAGE_TOL = 2e-3  # max abs difference on the [0, 1] picture
 
 
+def assert_close_pictures(ours: torch.Tensor, ref: torch.Tensor, label: str) -> None:
+    err = (ours - ref).abs().max().item()
+    print(f"\n[parity] {label}: max abs difference {err:.2e} on [0, 1] pictures")  # shown with pytest -s
+    assert ours.shape == ref.shape and err < IMAGE_TOL
+
+
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
 def pair(request, tiny_models):
     """(tiny model, our engine from the single file, diffusers pipeline from the folder)."""
@@ -108,7 +114,7 @@ def test_txt2img_ddim_matches_diffusers(pair, eta):
     scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
     ref = _diffusers(pipe, scheduler, [7, 8], steps=8, cfg=7.0, eta=eta)
     ours = _ours(engine, sampler="DDIM", steps=8, cfg_scale=7.0, seed=7, batch_size=2, eta=eta)
-    assert (ours - ref).abs().max() < IMAGE_TOL
+    assert_close_pictures(ours, ref, f"{tiny.name} DDIM eta={eta} vs diffusers")
 
 
 def test_txt2img_dpmpp_2m_karras_matches_diffusers(tiny_models, pair):
@@ -122,7 +128,7 @@ def test_txt2img_dpmpp_2m_karras_matches_diffusers(tiny_models, pair):
     noise = torch.randn((1, 4, H // 8, W // 8), generator=torch.Generator().manual_seed(3))
     noise = noise * math.sqrt(1 + sigma_max**2) / sigma_max
     ours = _ours(engine, noise=noise, sampler="DPM++ 2M", scheduler="karras", steps=10, cfg_scale=6.0, seed=3)
-    assert (ours - ref).abs().max() < IMAGE_TOL
+    assert_close_pictures(ours, ref, f"{tiny.name} DPM++ 2M Karras vs diffusers")
 
 
 # --- k-diffusion, run the way the popular web UI runs it ---------------------------------------------
@@ -185,7 +191,7 @@ def test_txt2img_matches_kdiffusion(pair, kdiffusion, name, kd_name, schedule):
     kd_schedule = "karras" if (name, schedule) == ("DPM++ 2M", "automatic") else "uniform"
     ref = _kdiffusion_txt2img(kdiffusion, pipe, tiny.config.prediction, kd_name, kd_schedule, [11, 12], 8, 7.5)
     ours = _ours(engine, sampler=name, scheduler=schedule, steps=8, cfg_scale=7.5, seed=11, batch_size=2)
-    assert (ours - ref).abs().max() < IMAGE_TOL
+    assert_close_pictures(ours, ref, f"{tiny.name} {name} ({schedule}) vs k-diffusion")
 
 
 def test_cfg_scale_one_skips_uncond_and_matches_diffusers(pair):
@@ -193,7 +199,7 @@ def test_cfg_scale_one_skips_uncond_and_matches_diffusers(pair):
     scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
     ref = _diffusers(pipe, scheduler, [5], steps=6, cfg=1.0)
     ours = _ours(engine, sampler="ddim", steps=6, cfg_scale=1.0, seed=5)
-    assert (ours - ref).abs().max() < IMAGE_TOL
+    assert_close_pictures(ours, ref, f"{tiny.name} DDIM cfg 1 vs diffusers")
 
 
 def test_tokenizer_pad_id(pair):
