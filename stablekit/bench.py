@@ -10,18 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 
+from .checkpoint import cache_dir
 from .config import PRESETS
 from .models import StableDiffusionModel
-
-
-def default_cache() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stablekit"
 
 
 @torch.no_grad()
@@ -78,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--sampler", default="Euler")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--cache", type=Path, default=default_cache())
+    ap.add_argument("--cache", type=Path, default=cache_dir())
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
     if args.threads:

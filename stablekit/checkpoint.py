@@ -46,9 +46,14 @@ class LoadedModel:
         return self._hash
 
 
+def cache_dir() -> Path:
+    """stablekit's folder in the user cache (XDG_CACHE_HOME, else ~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stablekit"
+
+
 def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
     """sha256 of a file, remembered in the user cache by path, size and mtime (a 4 GB file takes seconds)."""
-    cache_file = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stablekit" / "hashes.json"
+    cache_file = cache_dir() / "hashes.json"
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     try:
@@ -113,7 +118,9 @@ def _read_safetensors(path: Path) -> Mapping[str, torch.Tensor]:
 
     def shape_of(key: str) -> tuple[tuple[int, ...], torch.dtype]:
         s = f.get_slice(key)
-        return tuple(s.get_shape()), _SAFETENSORS_DTYPES.get(s.get_dtype(), torch.uint8)
+        if s.get_dtype() not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path.name}: tensor '{key}' has unsupported dtype {s.get_dtype()}")
+        return tuple(s.get_shape()), _SAFETENSORS_DTYPES[s.get_dtype()]
 
     return _LazyTensors(keys, shape_of, read)
 
@@ -240,7 +247,8 @@ def _component_weights(folder: Path, stems: tuple[str, ...]) -> Path:
 
 
 def _unet_head_hints(conf: dict) -> dict:
-    heads = conf.get("num_attention_heads") or conf.get("attention_head_dim", 8)  # diffusers names heads "head_dim"
+    # diffusers calls the head count "attention_head_dim"; 8 is UNet2DConditionModel's own default when absent.
+    heads = conf.get("num_attention_heads") or conf.get("attention_head_dim", 8)
     channels = conf["block_out_channels"]
     if isinstance(heads, int) or len(set(heads)) == 1:
         return {"unet_num_heads": heads if isinstance(heads, int) else heads[0]}
@@ -338,7 +346,10 @@ class OpenedCheckpoint:
 
 
 def open_checkpoint(spec: str | Path, *, prediction: Prediction | None = None) -> OpenedCheckpoint:
-    """Find the files, read keys and shapes, detect the model. Reads no weights of single files."""
+    """Find the files, read keys and shapes, detect the model.
+
+    Safetensors weights are not read here (only their headers); pickles are read whole by torch.load.
+    """
     path = resolve(spec)
     notes: list[str] = []
     schedule = ScheduleConfig()
@@ -355,6 +366,10 @@ def open_checkpoint(spec: str | Path, *, prediction: Prediction | None = None) -
     cfg = replace(detect(shapes_of(sd), hints), schedule=schedule)
     source = hints.prediction_source or "default; weights cannot tell, use --prediction v or a .yaml for v-models"
     notes.append(f"prediction: {cfg.prediction} ({source})")
+    if not (hints.unet_num_heads or hints.unet_num_head_channels):
+        u = cfg.unet
+        heads = f"{u.num_heads} heads" if u.num_heads > 0 else f"{u.num_head_channels} channels per head"
+        notes.append(f"attention: {heads} (the {cfg.family.upper()} convention; a .yaml can say otherwise)")
     return OpenedCheckpoint(cfg, sd, path.stem if path.is_file() else path.name, path, notes)
 
 

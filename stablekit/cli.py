@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,8 +15,12 @@ from .params import GenerationParams
 DEFAULTS = GenerationParams()
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_prediction_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prediction", choices=["eps", "v"], help="override the prediction type (weights cannot tell)")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    _add_prediction_arg(p)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights and compute dtype")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
 
@@ -44,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="show what a checkpoint is")
     i.add_argument("model", help="checkpoint file, diffusers folder or hub repo id")
-    i.add_argument("--prediction", choices=["eps", "v"])
+    _add_prediction_arg(i)
     return parser
 
 
@@ -108,9 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"txt2img": _txt2img, "info": _info}[args.command](args)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, OSError) as e:  # bad input, unreadable or unwritable files
         print(f"stablekit: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # e.g. out of memory; the first line says what torch ran into
+        if os.environ.get("STABLEKIT_DEBUG"):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"stablekit: error: {first} (set STABLEKIT_DEBUG=1 for the full traceback)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("stablekit: interrupted", file=sys.stderr)
         return 130

@@ -10,7 +10,7 @@ from PIL import Image
 
 from . import __version__
 from .checkpoint import LoadedModel, load_model
-from .config import Prediction
+from .config import ModelConfig, Prediction
 from .diffusion.samplers import Callback
 from .diffusion.schedule import ModelSchedule
 from .images import infotext, to_pil
@@ -53,7 +53,7 @@ class Engine:
         )
 
     @property
-    def config(self):
+    def config(self) -> ModelConfig:
         return self.loaded.config
 
     def _infotext(self, p: GenerationParams, seed: int) -> str:
@@ -67,7 +67,7 @@ class Engine:
             "Model hash": self.loaded.short_hash,
             "Model": self.loaded.name,
             "Clip skip": p.clip_skip if p.clip_skip > 1 else None,
-            "Eta": p.eta,
+            **p.eta_infotext(),
             "Version": f"stablekit {__version__}",
         }
         return infotext(p.prompt, p.negative_prompt, fields)

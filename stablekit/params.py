@@ -29,9 +29,13 @@ class GenerationParams:
 
     def validated(self) -> GenerationParams:
         """Check every field; returns a copy with names canonicalised and a concrete seed."""
+        for name in ("width", "height", "steps", "batch_size", "clip_skip", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"{name} must be a whole number, got {v!r}")
         for name in ("width", "height"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 8 or v % 8:
+            if v < 8 or v % 8:
                 raise ValueError(f"{name} must be a positive multiple of 8 (the latent is 1/8 of the picture), got {v}")
             if v > 8192:
                 raise ValueError(f"{name} {v} is too large (at most 8192)")
@@ -71,7 +75,17 @@ class GenerationParams:
     def schedule_label(self) -> str:
         return SCHEDULE_LABELS[self.schedule_name]
 
-    def sampler_options(self) -> dict:
+    def eta_infotext(self) -> dict[str, float]:
+        """The web UI writes eta only when it differs from the sampler's default, as "Eta DDIM" for DDIM."""
+        spec = self.sampler_spec
+        if self.eta is None or "eta" not in spec.options:
+            return {}
+        default = 0.0 if spec.name == "DDIM" else 1.0
+        if self.eta == default:
+            return {}
+        return {"Eta DDIM" if spec.name == "DDIM" else "Eta": self.eta}
+
+    def sampler_options(self) -> dict[str, float]:
         options = {}
         if "eta" in self.sampler_spec.options and self.eta is not None:
             options["eta"] = self.eta

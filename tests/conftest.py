@@ -218,7 +218,7 @@ def kdiffusion():
     try:
         sampling = importlib.import_module("k_diffusion.sampling")
         external = importlib.import_module("k_diffusion.external")
-    finally:
+    finally:  # the stub `k_diffusion` package stays: the loaded modules refer to it
         for k in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
             if saved[k] is None:
                 sys.modules.pop(k, None)

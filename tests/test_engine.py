@@ -41,6 +41,19 @@ def test_single_file_and_diffusers_folder_load_identically(tiny_models, family):
     assert torch.equal(ea.txt2img_tensor(params())[0], eb.txt2img_tensor(params())[0])
 
 
+def test_ckpt_file_loads_like_safetensors(tiny_models, tmp_path):
+    """A training-style .ckpt ({"state_dict": ..., "global_step": ...}) through weights_only loading."""
+    from safetensors.torch import load_file
+
+    tiny = tiny_models["sd1"]
+    ckpt = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": load_file(tiny.single_file), "global_step": 470000}, ckpt)
+    a, b = load_model(tiny.single_file), load_model(ckpt)
+    assert a.config == b.config
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 @pytest.mark.parametrize("sampler", [s.name for s in SAMPLERS])
 def test_batch_image_equals_single_run_with_its_seed(sd1, sampler):
     eta = {"DDIM": 1.0}.get(sampler)  # stochastic DDIM too
@@ -48,6 +61,17 @@ def test_batch_image_equals_single_run_with_its_seed(sd1, sampler):
     for i in range(3):
         single, _ = sd1.txt2img_tensor(params(sampler=sampler, seed=40 + i, eta=eta))
         torch.testing.assert_close(batch[i : i + 1], single, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cfg_scale, unet_batch", [(1.0, 1), (7.0, 2)])
+def test_cfg_batches_cond_and_uncond_and_skips_uncond_at_scale_one(sd1, cfg_scale, unet_batch):
+    batches = []
+    hook = sd1.loaded.model.unet.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    try:
+        sd1.txt2img_tensor(params(cfg_scale=cfg_scale, sampler="Euler", steps=3))
+    finally:
+        hook.remove()
+    assert batches == [unet_batch] * 3  # one network call per step
 
 
 def test_explicit_noise_equals_seeded_noise(sd1):
@@ -92,6 +116,15 @@ def test_infotext_format(sd1):
     )
     assert f"Model: {sd1.loaded.name}" in lines[2] and "Clip skip: 2" in lines[2]
     assert len(sd1.loaded.short_hash) == 10
+
+
+def test_infotext_eta_as_the_web_ui_writes_it(sd1):
+    ddim = sd1.txt2img(params(sampler="DDIM", eta=0.5, steps=2))[0].info["parameters"]
+    assert "Eta DDIM: 0.5" in ddim
+    euler_a = sd1.txt2img(params(sampler="Euler a", eta=0.7, steps=2))[0].info["parameters"]
+    assert "Eta: 0.7" in euler_a
+    default = sd1.txt2img(params(sampler="Euler a", eta=1.0, steps=2))[0].info["parameters"]
+    assert "Eta" not in default
 
 
 def test_infotext_quotes_and_omits():

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import stablekit
-from stablekit.models.tokenizer import CLIPTokenizer
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -29,6 +28,8 @@ def assert_close_pictures(ours: torch.Tensor, ref: torch.Tensor, label: str) -> 
     err = (ours - ref).abs().max().item()
     print(f"\n[parity] {label}: max abs difference {err:.2e} on [0, 1] pictures")  # shown with pytest -s
     assert ours.shape == ref.shape and err < IMAGE_TOL
+    # The pictures carry information: not flat, and mostly not clipped to 0 or 1.
+    assert ref.std() > 0.05 and ((ref > 0.002) & (ref < 0.998)).float().mean() > 0.5
 
 
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
@@ -194,11 +195,11 @@ def test_txt2img_matches_kdiffusion(pair, kdiffusion, name, kd_name, schedule):
     assert_close_pictures(ours, ref, f"{tiny.name} {name} ({schedule}) vs k-diffusion")
 
 
-def test_cfg_scale_one_skips_uncond_and_matches_diffusers(pair):
+def test_cfg_scale_one_matches_diffusers(pair):
     tiny, engine, pipe = pair
     scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
-    ref = _diffusers(pipe, scheduler, [5], steps=6, cfg=1.0)
-    ours = _ours(engine, sampler="ddim", steps=6, cfg_scale=1.0, seed=5)
+    ref = _diffusers(pipe, scheduler, [5], steps=5, cfg=1.0)
+    ours = _ours(engine, sampler="ddim", steps=5, cfg_scale=1.0, seed=5)
     assert_close_pictures(ours, ref, f"{tiny.name} DDIM cfg 1 vs diffusers")
 
 
@@ -207,4 +208,3 @@ def test_tokenizer_pad_id(pair):
     ids = engine.context.tokenizer([""])[0]
     expected_pad = 49407 if tiny.config.family == "sd1" else 0
     assert ids[0] == 49406 and ids[1] == 49407 and (ids[2:] == expected_pad).all()
-    assert isinstance(engine.context.tokenizer, CLIPTokenizer)

@@ -46,14 +46,22 @@ def test_karras_matches_kdiffusion(ms, kdiffusion, steps):
     assert karras(ms, steps)[-1] == 0 and abs(float(karras(ms, steps)[0]) - ms.sigma_max) < 1e-9
 
 
-@pytest.mark.parametrize("steps", [1, 8, 20, 30, 50])
-def test_ddim_timesteps_match_diffusers(ms, steps):
+@pytest.mark.parametrize("steps", [1, 8, 20, 50, 125])
+def test_ddim_timesteps_match_diffusers_when_steps_divide_1000(ms, steps):
     sched = diffusers.DDIMScheduler(**SD_SCHEDULER)
     sched.set_timesteps(steps)
     sigmas = ddim(ms, steps)
     ts = [round(ms.sigma_to_t(float(s))) for s in sigmas[:-1]]
     assert ts == sched.timesteps.tolist()
     assert float(sigmas[-1]) == pytest.approx(ms.sigma_min)  # DDIM ends at t = 0, not at sigma 0
+
+
+@pytest.mark.parametrize("steps", [30, 1000])
+def test_ddim_timesteps_follow_the_original_rule_otherwise(ms, steps):
+    """The original DDIM sampler and the web UI: range(0, 1000, 1000 // steps) + 1, clipped to 999."""
+    expected = [min(t + 1, 999) for t in range(0, 1000, 1000 // steps)][::-1]
+    ts = [round(ms.sigma_to_t(float(s))) for s in ddim(ms, steps)[:-1]]
+    assert ts == expected  # 30 steps -> 31 timesteps; 1000 steps repeat t = 999
 
 
 @pytest.mark.parametrize("sigma", [0.0292, 0.1, 1.0, 3.3, 14.6])

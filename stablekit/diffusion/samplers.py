@@ -16,16 +16,19 @@ from typing import Callable
 import torch
 
 from .denoiser import Denoise
+from .schedule import canonical
 
 Callback = Callable[[int, int, torch.Tensor], None]  # (step index, total steps, current x0 estimate)
 
 
-def randn_like(x: torch.Tensor, generator: list[torch.Generator]) -> torch.Tensor:
+def randn_like(x: torch.Tensor, generator: list[torch.Generator] | None) -> torch.Tensor:
     """Noise like x, image i drawn on the CPU in float32 from generator[i]."""
+    if generator is None:
+        raise ValueError("this sampler adds fresh noise: pass one torch.Generator per image")
     if len(generator) != x.shape[0]:
         raise ValueError(f"need one generator per image: {len(generator)} for a batch of {x.shape[0]}")
     noise = [torch.randn(x.shape[1:], generator=g, dtype=torch.float32) for g in generator]
-    return torch.stack(noise).to(x.device)
+    return torch.stack(noise).to(device=x.device, dtype=x.dtype)
 
 
 def ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
@@ -41,7 +44,13 @@ def _progress(callback: Callback | None, i: int, n: int, denoised: torch.Tensor)
         callback(i, n, denoised)
 
 
-def sample_euler(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, generator=None, callback=None) -> torch.Tensor:
+Generators = list[torch.Generator] | None
+
+
+def sample_euler(
+    denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generators = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
     """Euler method on the probability-flow ODE (Karras et al. 2022, alg. 2 without churn)."""
     s = sigmas.tolist()
     for i in range(len(s) - 1):
@@ -52,7 +61,8 @@ def sample_euler(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, ge
 
 
 def sample_euler_ancestral(
-    denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, generator, callback=None, eta: float = 1.0, s_noise: float = 1.0
+    denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generators,
+    callback: Callback | None = None, eta: float = 1.0, s_noise: float = 1.0,
 ) -> torch.Tensor:
     """Euler step down to sigma_down, then fresh noise up to sigma_next (k-diffusion "Euler a")."""
     s = sigmas.tolist()
@@ -67,7 +77,8 @@ def sample_euler_ancestral(
 
 
 def sample_ddim(
-    denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, generator=None, callback=None, eta: float = 0.0
+    denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generators = None,
+    callback: Callback | None = None, eta: float = 0.0,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2020). In sigma space its step is an ancestral Euler step whose noise
     sigma_up = eta * sqrt(s'^2 (s^2 - s'^2) / s^2) is exactly DDIM's sigma_t rescaled, so eta 0
@@ -77,14 +88,19 @@ def sample_ddim(
     return sample_euler_ancestral(denoiser, x, sigmas, generator=generator, callback=callback, eta=eta)
 
 
-def sample_dpmpp_2m(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, generator=None, callback=None) -> torch.Tensor:
+def sample_dpmpp_2m(
+    denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *, generator: Generators = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
     """DPM-Solver++(2M), Lu et al. 2022: second-order multistep in lambda = -log sigma."""
     s = sigmas.tolist()
     old_denoised = None
     h_last = 0.0
     for i in range(len(s) - 1):
         denoised = denoiser(x, s[i])
-        if s[i + 1] == 0:  # last step to zero: the estimate itself
+        if s[i + 1] == s[i]:  # a repeated sigma (the DDIM schedule at 1000 steps) is no step
+            pass
+        elif s[i + 1] == 0:  # last step to zero: the estimate itself
             x = denoised
         else:
             h = math.log(s[i]) - math.log(s[i + 1])
@@ -95,7 +111,8 @@ def sample_dpmpp_2m(denoiser: Denoise, x: torch.Tensor, sigmas: torch.Tensor, *,
                 d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
             x = (s[i + 1] / s[i]) * x - math.expm1(-h) * d
             h_last = h
-        old_denoised = denoised
+        if s[i + 1] != s[i]:
+            old_denoised = denoised
         _progress(callback, i, len(s) - 1, denoised)
     return x
 
@@ -124,19 +141,15 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
 )
 
 
-def _key(name: str) -> str:
-    return name.strip().lower().replace("+", "p").replace(" ", "_").replace("-", "_")
-
-
 def find_sampler(name: str) -> tuple[SamplerSpec, str | None]:
     """Display name or alias -> (spec, schedule named in the sampler name, e.g. "DPM++ 2M Karras")."""
-    key = _key(name)
+    key = canonical(name)
     for spec in SAMPLERS:
-        if key in {_key(spec.name), *spec.aliases}:
+        if key in {canonical(spec.name), *spec.aliases}:
             return spec, None
     for spec in SAMPLERS:  # old web-UI names carry the schedule: "DPM++ 2M Karras"
         for label in ("karras", "uniform", "ddim"):
-            if key == f"{_key(spec.name)}_{label}" or key in {f"{a}_{label}" for a in spec.aliases}:
+            if key in {f"{a}_{label}" for a in (canonical(spec.name), *spec.aliases)}:
                 return spec, label
     names = ", ".join(f"'{s.name}' ({'/'.join(s.aliases[:1])})" for s in SAMPLERS)
     raise ValueError(f"unknown sampler '{name}'; choose from {names}")

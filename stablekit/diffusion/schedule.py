@@ -70,13 +70,16 @@ def karras(ms: ModelSchedule, steps: int, rho: float = 7.0) -> torch.Tensor:
 
 
 def ddim(ms: ModelSchedule, steps: int) -> torch.Tensor:
-    """DDIM's timesteps 1, 1+c, 1+2c, ... (c = T // steps; "leading" spacing with offset 1, as in the
-    original DDIM sampler and diffusers' SD scheduler config), ending at sigma(t=0), not at zero."""
+    """DDIM's timesteps range(0, T, T // steps) + 1, clipped to T-1, ending at sigma(t=0), not at zero.
+
+    This is the original DDIM sampler's rule, which the popular web UI keeps: when `steps` does not
+    divide T it yields a few more timesteps than asked (30 -> 31); when it does, it equals diffusers'
+    DDIMScheduler with the SD config ("leading" spacing, steps_offset 1).
+    """
     T = len(ms.sigmas)
     if steps > T:
         raise ValueError(f"ddim schedule: at most {T} steps, got {steps}")
-    t = torch.arange(steps, dtype=torch.long) * (T // steps) + 1
-    t = t.clamp(max=T - 1).flip(0)
+    t = (torch.arange(0, T, T // steps, dtype=torch.long) + 1).clamp(max=T - 1).flip(0)
     return torch.cat([ms.sigmas[t], ms.sigmas[:1]])
 
 
@@ -88,9 +91,14 @@ SCHEDULES: dict[str, Callable[[ModelSchedule, int], torch.Tensor]] = {
 SCHEDULE_LABELS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras", "ddim": "DDIM"}
 
 
+def canonical(name: str) -> str:
+    """"DPM++ 2M Karras" -> "dpmpp_2m_karras": the form names and aliases are compared in."""
+    return name.strip().lower().replace("+", "p").replace(" ", "_").replace("-", "_")
+
+
 def resolve_schedule(name: str) -> str:
     """Accept `karras`, `Karras`, ... -> canonical name; unknown names are an error listing the valid ones."""
-    key = name.strip().lower().replace(" ", "_")
+    key = canonical(name)
     if key in SCHEDULE_LABELS:
         return key
     raise ValueError(f"unknown schedule '{name}'; choose from {', '.join(SCHEDULE_LABELS)}")

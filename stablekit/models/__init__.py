@@ -6,7 +6,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .clip import build_text_encoder
-from .unet import DiffusionWrapper
+from .unet import DiffusionWrapper, UNetModel
 from .vae import AutoencoderKL
 
 
@@ -21,7 +21,7 @@ class StableDiffusionModel(nn.Module):
         self.cond_stage_model = build_text_encoder(cfg.text)
 
     @property
-    def unet(self):
+    def unet(self) -> UNetModel:
         return self.model.diffusion_model
 
     @property

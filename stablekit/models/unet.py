@@ -169,7 +169,9 @@ class Upsample(nn.Module):
 class TimestepEmbedSequential(nn.Sequential):
     """Runs its layers, giving each the inputs it needs."""
 
-    def forward(self, x, emb, context, upsample_size=None):  # noqa: D401 - Sequential override
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, upsample_size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, TimestepBlock):
                 x = layer(x, emb)

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ..diffusion.denoiser import Denoise
 from ..diffusion.samplers import Callback, SamplerSpec
 from ..models import StableDiffusionModel
 from ..models.tokenizer import CLIPTokenizer
@@ -33,7 +34,7 @@ def initial_noise(generators: list[torch.Generator], shape: tuple[int, int, int]
 
 @torch.inference_mode()
 def denoise(
-    denoiser,
+    denoiser: Denoise,
     noise: torch.Tensor,
     sigmas: torch.Tensor,
     spec: SamplerSpec,
