@@ -76,7 +76,7 @@ def test_ancestral_sampler_draws_from_the_data_distribution():
 
 def test_ddim_eta_is_the_ancestral_step_with_ddim_noise():
     """DDIM's sigma_t (Song et al. eq. 16) rescaled to sigma space equals the ancestral sigma_up."""
-    from stablekit.diffusion.samplers import ancestral_step
+    from stablekit.diffusion.k_samplers import ancestral_step
 
     ms = ModelSchedule()
     t, t_prev, eta = 501, 451, 0.8

@@ -43,8 +43,12 @@ def denoise(
     start: torch.Tensor | None = None,
     callback: Callback | None = None,
     options: dict | None = None,
+    inputs: dict | None = None,
 ) -> torch.Tensor:
     """Run `spec` over `sigmas` from `start` (default zeros) noised to sigmas[0].
+
+    `options` are the user's sampler options; `inputs` what the pipeline can offer (model_schedule,
+    seeds), of which the sampler gets those its spec names.
 
     Returns the variance-preserving latent at the last sigma (x / sqrt(1 + sigma^2)), which is
     the clean latent when the schedule ends at zero and DDIM's x at t=0 otherwise.
@@ -52,7 +56,8 @@ def denoise(
     x = noise * spec.initial_noise_scale(float(sigmas[0]))
     if start is not None:
         x = x + start
-    x = spec.fn(denoiser, x, sigmas, generator=generators, callback=callback, **(options or {}))
+    given = {name: (inputs or {})[name] for name in spec.inputs}
+    x = spec.fn(denoiser, x, sigmas, generator=generators, callback=callback, **(options or {}), **given)
     return x / math.sqrt(1 + float(sigmas[-1]) ** 2)
 
 

@@ -56,5 +56,6 @@ def txt2img(
     latents = denoise(
         denoiser, seeded.to(ctx.device), sigmas, p.sampler_spec, generators,
         callback=callback, options=p.sampler_options(),
+        inputs={"model_schedule": ctx.schedule, "seeds": [p.seed + i for i in range(p.batch_size)]},
     )
     return decode(ctx.model, latents)
