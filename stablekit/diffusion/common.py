@@ -47,6 +47,9 @@ class SamplerSpec:
     # What the pipeline must hand it besides the signature: "model_schedule" (the ModelSchedule, for
     # samplers that work on trained timesteps) and "seeds" (per-image seeds, for Brownian-tree noise).
     inputs: tuple[str, ...] = field(default=())
+    # The web UI builds steps+1 sigmas and drops the next-to-last one for samplers whose last
+    # step would otherwise be wasted (DPM2, DPM2 a, DPM++ 3M SDE).
+    discard_penultimate_sigma: bool = False
 
     def initial_noise_scale(self, sigma: float) -> float:
         return math.sqrt(1 + sigma**2) if self.vp_start else sigma

@@ -31,6 +31,14 @@ class TaskContext:
         return ModelDenoiser(unet, self.schedule, self.model.cfg.prediction, self.dtype, self.quantize_timesteps)
 
 
+def sampler_sigmas(schedule: ModelSchedule, p: GenerationParams) -> torch.Tensor:
+    """The schedule the sampler walks: `steps` steps, or steps+1 less the next-to-last where the spec says."""
+    if p.sampler_spec.discard_penultimate_sigma:
+        sigmas = make_sigmas(schedule, p.schedule_name, p.steps + 1)
+        return torch.cat([sigmas[:-2], sigmas[-1:]])
+    return make_sigmas(schedule, p.schedule_name, p.steps)
+
+
 def txt2img(
     ctx: TaskContext,
     p: GenerationParams,
@@ -52,7 +60,7 @@ def txt2img(
     cond = encode_prompt(ctx.model, ctx.tokenizer, [p.prompt] * p.batch_size, p.clip_skip)
     uncond = encode_prompt(ctx.model, ctx.tokenizer, [p.negative_prompt] * p.batch_size, p.clip_skip)
     denoiser = CFGDenoiser(ctx.denoiser(), cond, uncond, p.cfg_scale)
-    sigmas = make_sigmas(ctx.schedule, p.schedule_name, p.steps)
+    sigmas = sampler_sigmas(ctx.schedule, p)
     latents = denoise(
         denoiser, seeded.to(ctx.device), sigmas, p.sampler_spec, generators,
         callback=callback, options=p.sampler_options(),
