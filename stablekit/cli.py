@@ -44,8 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     t.add_argument("--clip-skip", type=int, default=DEFAULTS.clip_skip)
     t.add_argument("--eta", type=float, default=None, help="noise of ancestral samplers and DDIM")
+    t.add_argument("--s-noise", type=float, default=DEFAULTS.s_noise, help="noise multiplier of ancestral/SDE samplers")
+    t.add_argument("--guidance-rescale", type=float, default=DEFAULTS.guidance_rescale,
+                   help="CFG rescale phi (Lin et al. 2023), 0..1; 0.7 suits zero-terminal-SNR v-models")
     t.add_argument("--out", default="outputs", help="output folder (files are never overwritten)")
     _add_model_args(t)
+
+    sub.add_parser("samplers", help="list samplers, their aliases and the schedules they accept")
 
     i = sub.add_parser("info", help="show what a checkpoint is")
     i.add_argument("model", help="checkpoint file, diffusers folder or hub repo id")
@@ -62,7 +67,8 @@ def _txt2img(args: argparse.Namespace) -> int:
     params = GenerationParams(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg_scale=args.cfg_scale,
         sampler=args.sampler, scheduler=args.scheduler, seed=args.seed, width=args.width, height=args.height,
-        batch_size=args.batch_size, clip_skip=args.clip_skip, eta=args.eta,
+        batch_size=args.batch_size, clip_skip=args.clip_skip, eta=args.eta, s_noise=args.s_noise,
+        guidance_rescale=args.guidance_rescale,
     ).validated()  # check arguments before spending time on loading
     t0 = time.perf_counter()
     engine = load(args.model, dtype=args.dtype, device=args.device, prediction=args.prediction)
@@ -109,10 +115,25 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _samplers(args: argparse.Namespace) -> int:
+    from .diffusion.samplers import SAMPLERS
+    from .diffusion.schedule import SCHEDULE_LABELS
+
+    every = [k for k in SCHEDULE_LABELS if k != "automatic"]
+    print(f"{'sampler':14} {'aliases':40} {'automatic':12} {'options':16} schedules")
+    for spec in SAMPLERS:
+        options = ", ".join(spec.options) or "-"
+        schedules = "all" if spec.schedules is None else ", ".join(spec.schedules)
+        print(f"{spec.name:14} {', '.join(spec.aliases):40} {spec.default_schedule:12} {options:16} {schedules}")
+    print(f"\nschedules (--scheduler): automatic, {', '.join(every)}")
+    print('names with a schedule in them also work, as in the web UI: "DPM++ 2M Karras"')
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"txt2img": _txt2img, "info": _info}[args.command](args)
+        return {"txt2img": _txt2img, "info": _info, "samplers": _samplers}[args.command](args)
     except (CheckpointError, ValueError, OSError) as e:  # bad input, unreadable or unwritable files
         print(f"stablekit: error: {e}", file=sys.stderr)
         return 2

@@ -67,6 +67,7 @@ class Engine:
             "Model hash": self.loaded.short_hash,
             "Model": self.loaded.name,
             "Clip skip": p.clip_skip if p.clip_skip > 1 else None,
+            "CFG Rescale phi": p.guidance_rescale or None,  # the key the web UI's CFG-rescale extension writes
             **p.eta_infotext(),
             "Version": f"stablekit {__version__}",
         }

@@ -25,7 +25,8 @@ class GenerationParams:
     batch_size: int = 1
     clip_skip: int = 1  # A1111 numbering: 1 = last layer
     eta: float | None = None  # ancestral/DDIM noise; None = the sampler's default
-    s_noise: float = 1.0
+    s_noise: float = 1.0  # noise multiplier of ancestral and SDE samplers
+    guidance_rescale: float = 0.0  # phi of Lin et al. 2023 (diffusers' guidance_rescale); 0 = off
 
     def validated(self) -> GenerationParams:
         """Check every field; returns a copy with names canonicalised and a concrete seed."""
@@ -47,6 +48,10 @@ class GenerationParams:
             raise ValueError(f"batch size must be between 1 and 64, got {self.batch_size}")
         if self.clip_skip < 1:
             raise ValueError(f"clip skip must be at least 1, got {self.clip_skip}")
+        if not 0 <= self.guidance_rescale <= 1:
+            raise ValueError(f"guidance rescale must be between 0 and 1, got {self.guidance_rescale}")
+        if not 0 <= self.s_noise <= 10:
+            raise ValueError(f"s_noise must be between 0 and 10, got {self.s_noise}")
         if self.eta is not None and not 0 <= self.eta <= 10:
             raise ValueError(f"eta must be between 0 and 10, got {self.eta}")
         if not -1 <= self.seed <= MAX_SEED:
@@ -55,6 +60,10 @@ class GenerationParams:
         schedule = resolve_schedule(self.scheduler)
         if named_schedule and schedule == "automatic":
             schedule = named_schedule
+        concrete = spec.default_schedule if schedule == "automatic" else schedule
+        if spec.schedules is not None and concrete not in spec.schedules:
+            raise ValueError(f"sampler '{spec.name}' walks only the schedules {', '.join(spec.schedules)}; "
+                             f"got '{schedule}'")
         if self.eta is not None and "eta" not in spec.options:
             raise ValueError(f"sampler '{spec.name}' takes no eta")
         seed = random.randrange(MAX_SEED - self.batch_size) if self.seed == -1 else self.seed

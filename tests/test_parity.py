@@ -101,11 +101,12 @@ def _ours(engine, noise=None, **fields) -> torch.Tensor:
     return engine.txt2img_tensor(params, noise=noise)[0]
 
 
-def _diffusers(pipe, scheduler, seeds: list[int], steps: int, cfg: float, eta: float = 0.0) -> torch.Tensor:
+def _diffusers(pipe, scheduler, seeds: list[int], steps: int, cfg: float, eta: float = 0.0, **extra) -> torch.Tensor:
     pipe.scheduler = scheduler
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     out = pipe([PROMPT] * len(seeds), negative_prompt=[NEGATIVE] * len(seeds), height=H, width=W,
-               num_inference_steps=steps, guidance_scale=cfg, generator=generators, eta=eta, output_type="pt")
+               num_inference_steps=steps, guidance_scale=cfg, generator=generators, eta=eta, output_type="pt",
+               **extra)
     return out.images
 
 
@@ -116,6 +117,16 @@ def test_txt2img_ddim_matches_diffusers(pair, eta):
     ref = _diffusers(pipe, scheduler, [7, 8], steps=8, cfg=7.0, eta=eta)
     ours = _ours(engine, sampler="DDIM", steps=8, cfg_scale=7.0, seed=7, batch_size=2, eta=eta)
     assert_close_pictures(ours, ref, f"{tiny.name} DDIM eta={eta} vs diffusers")
+
+
+def test_guidance_rescale_matches_diffusers(pair):
+    tiny, engine, pipe = pair
+    scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    ref = _diffusers(pipe, scheduler, [21], steps=8, cfg=9.0, guidance_rescale=0.7)
+    plain = _ours(engine, sampler="DDIM", steps=8, cfg_scale=9.0, seed=21)
+    ours = _ours(engine, sampler="DDIM", steps=8, cfg_scale=9.0, seed=21, guidance_rescale=0.7)
+    assert (plain - ours).abs().max() > 10 * IMAGE_TOL  # the option changes the picture ...
+    assert_close_pictures(ours, ref, f"{tiny.name} DDIM guidance_rescale=0.7 vs diffusers")  # ... as diffusers does
 
 
 def test_txt2img_dpmpp_2m_karras_matches_diffusers(tiny_models, pair):

@@ -50,6 +50,7 @@ class SamplerSpec:
     # The web UI builds steps+1 sigmas and drops the next-to-last one for samplers whose last
     # step would otherwise be wasted (DPM2, DPM2 a, DPM++ 3M SDE).
     discard_penultimate_sigma: bool = False
+    schedules: tuple[str, ...] | None = None  # the schedules it can walk; None = all of them
 
     def initial_noise_scale(self, sigma: float) -> float:
         return math.sqrt(1 + sigma**2) if self.vp_start else sigma

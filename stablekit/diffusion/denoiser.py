@@ -51,15 +51,31 @@ class ModelDenoiser:
         if concat is not None:
             net_in = torch.cat([net_in, concat.to(net_in.dtype)], dim=1)
         out = self.unet(net_in.to(self.dtype), t, context.to(self.dtype)).float()
+        return self.x0_from_output(x, sigma, out)
+
+    def _skip_out(self, sigma: float) -> tuple[float, float]:
+        """(c_skip, c_out): x0 = c_skip * x + c_out * network output."""
         if self.prediction == "eps":
-            return x - sigma * out
-        return x * c_in**2 - out * (sigma * c_in)
+            return 1.0, -sigma
+        c_in = (sigma**2 + 1) ** -0.5
+        return c_in**2, -sigma * c_in
+
+    def x0_from_output(self, x: torch.Tensor, sigma: float, out: torch.Tensor) -> torch.Tensor:
+        c_skip, c_out = self._skip_out(sigma)
+        return x * c_skip + out * c_out
+
+    def output_from_x0(self, x: torch.Tensor, sigma: float, x0: torch.Tensor) -> torch.Tensor:
+        """The network output (eps or v) that gives `x0`: what diffusers' guidance rescale works on."""
+        c_skip, c_out = self._skip_out(sigma)
+        return (x0 - x * c_skip) / c_out
 
 
 class CFGDenoiser:
     """Classifier-free guidance (Ho & Salimans 2022): uncond + scale * (cond - uncond).
 
     Cond and uncond go through the network as one batch; with scale 1 the uncond half is skipped.
+    `rescale` (phi of Lin et al. 2023, diffusers' guidance_rescale) pulls the guided output's
+    standard deviation back towards the conditional one's, against over-exposure.
     """
 
     def __init__(
@@ -69,8 +85,10 @@ class CFGDenoiser:
         uncond: torch.Tensor,
         scale: float,
         concat: torch.Tensor | None = None,
+        rescale: float = 0.0,
     ):
         self.model, self.cond, self.uncond, self.scale, self.concat = model, cond, uncond, scale, concat
+        self.rescale = rescale
 
     def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         if self.scale == 1.0:
@@ -78,4 +96,15 @@ class CFGDenoiser:
         concat = None if self.concat is None else torch.cat([self.concat, self.concat])
         both = self.model(torch.cat([x, x]), sigma, torch.cat([self.cond, self.uncond]), concat)
         cond, uncond = both.chunk(2)
-        return uncond + (cond - uncond) * self.scale
+        guided = uncond + (cond - uncond) * self.scale
+        if self.rescale > 0:
+            guided = self._rescaled(x, sigma, cond, guided)
+        return guided
+
+    def _rescaled(self, x: torch.Tensor, sigma: float, cond: torch.Tensor, guided: torch.Tensor) -> torch.Tensor:
+        """Lin et al. 2023, eq. 15-16, on the network output as diffusers does (x0 is affine in it)."""
+        out_cond = self.model.output_from_x0(x, sigma, cond)
+        out = self.model.output_from_x0(x, sigma, guided)
+        dims = list(range(1, out.ndim))
+        matched = out * (out_cond.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
+        return self.model.x0_from_output(x, sigma, self.rescale * matched + (1 - self.rescale) * out)

@@ -59,7 +59,7 @@ def txt2img(
         seeded = noise.float()
     cond = encode_prompt(ctx.model, ctx.tokenizer, [p.prompt] * p.batch_size, p.clip_skip)
     uncond = encode_prompt(ctx.model, ctx.tokenizer, [p.negative_prompt] * p.batch_size, p.clip_skip)
-    denoiser = CFGDenoiser(ctx.denoiser(), cond, uncond, p.cfg_scale)
+    denoiser = CFGDenoiser(ctx.denoiser(), cond, uncond, p.cfg_scale, rescale=p.guidance_rescale)
     sigmas = sampler_sigmas(ctx.schedule, p)
     latents = denoise(
         denoiser, seeded.to(ctx.device), sigmas, p.sampler_spec, generators,
