@@ -164,3 +164,14 @@ def test_cli_entry_point_runs_as_module(tiny_models):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "variant        base" in proc.stdout
+
+
+def test_cli_samplers_lists_every_sampler_with_aliases_and_schedules(capsys):
+    from stablekit.diffusion.schedule import SCHEDULE_LABELS
+
+    assert main(["samplers"]) == 0
+    out = capsys.readouterr().out
+    for spec in SAMPLERS:
+        row = next(line for line in out.splitlines() if line.startswith(spec.name + " "))
+        assert all(alias in row for alias in spec.aliases) and spec.default_schedule in row
+    assert all(name in out for name in SCHEDULE_LABELS)
