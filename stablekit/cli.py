@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import __version__
 from .detect import CheckpointError
+from .images import RESIZE_MODES
 from .params import GenerationParams
 
 DEFAULTS = GenerationParams()
@@ -31,24 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("txt2img", help="generate pictures from a prompt")
-    t.add_argument("--model", "-m", required=True, help="checkpoint file, diffusers folder or hub repo id")
-    t.add_argument("--prompt", "-p", required=True)
-    t.add_argument("--negative-prompt", "-n", default=DEFAULTS.negative_prompt)
-    t.add_argument("--steps", type=int, default=DEFAULTS.steps)
-    t.add_argument("--cfg-scale", type=float, default=DEFAULTS.cfg_scale)
-    t.add_argument("--sampler", default=DEFAULTS.sampler, help='e.g. "DPM++ 2M", "Euler a", ddim, euler')
-    t.add_argument("--scheduler", default=DEFAULTS.scheduler, help="automatic, uniform, karras, ddim")
-    t.add_argument("--seed", type=int, default=DEFAULTS.seed, help="-1 = random; image i uses seed + i")
-    t.add_argument("--width", type=int, default=DEFAULTS.width)
-    t.add_argument("--height", type=int, default=DEFAULTS.height)
-    t.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
-    t.add_argument("--clip-skip", type=int, default=DEFAULTS.clip_skip)
-    t.add_argument("--eta", type=float, default=None, help="noise of ancestral samplers and DDIM")
-    t.add_argument("--s-noise", type=float, default=DEFAULTS.s_noise, help="noise multiplier of ancestral/SDE samplers")
-    t.add_argument("--guidance-rescale", type=float, default=DEFAULTS.guidance_rescale,
-                   help="CFG rescale phi (Lin et al. 2023), 0..1; 0.7 suits zero-terminal-SNR v-models")
-    t.add_argument("--out", default="outputs", help="output folder (files are never overwritten)")
-    _add_model_args(t)
+    _add_generation_args(t, size_default=DEFAULTS.width)
+    i2i = sub.add_parser("img2img", help="generate pictures from a picture and a prompt")
+    i2i.add_argument("--image", "-i", required=True, type=Path, help="the starting picture")
+    i2i.add_argument("--strength", "--denoising-strength", dest="strength", type=float,
+                     default=DEFAULTS.denoising_strength, help="0 keeps the picture, 1 repaints it entirely")
+    i2i.add_argument("--resize-mode", default=DEFAULTS.resize_mode, choices=RESIZE_MODES,
+                     help="how a picture of another size is fitted to --width/--height")
+    _add_generation_args(i2i, size_default=None)
 
     sub.add_parser("samplers", help="list samplers, their aliases and the schedules they accept")
 
@@ -58,29 +49,77 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _txt2img(args: argparse.Namespace) -> int:
+def _add_generation_args(t: argparse.ArgumentParser, size_default: int | None) -> None:
+    t.add_argument("--model", "-m", required=True, help="checkpoint file, diffusers folder or hub repo id")
+    t.add_argument("--prompt", "-p", required=True)
+    t.add_argument("--negative-prompt", "-n", default=DEFAULTS.negative_prompt)
+    t.add_argument("--steps", type=int, default=DEFAULTS.steps)
+    t.add_argument("--cfg-scale", type=float, default=DEFAULTS.cfg_scale)
+    t.add_argument("--sampler", default=DEFAULTS.sampler, help='e.g. "DPM++ 2M", "Euler a", ddim (see: stablekit samplers)')
+    t.add_argument("--scheduler", default=DEFAULTS.scheduler, help="automatic, karras, ... (see: stablekit samplers)")
+    t.add_argument("--seed", type=int, default=DEFAULTS.seed, help="-1 = random; image i uses seed + i")
+    follow = "" if size_default else " (default: the picture's, rounded to a multiple of 8)"
+    t.add_argument("--width", type=int, default=size_default, help="multiple of 8" + follow)
+    t.add_argument("--height", type=int, default=size_default, help="multiple of 8" + follow)
+    t.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    t.add_argument("--clip-skip", type=int, default=DEFAULTS.clip_skip)
+    t.add_argument("--eta", type=float, default=None, help="noise of ancestral samplers and DDIM")
+    t.add_argument("--s-noise", type=float, default=DEFAULTS.s_noise, help="noise multiplier of ancestral/SDE samplers")
+    t.add_argument("--guidance-rescale", type=float, default=DEFAULTS.guidance_rescale,
+                   help="CFG rescale phi (Lin et al. 2023), 0..1; 0.7 suits zero-terminal-SNR v-models")
+    t.add_argument("--out", default="outputs", help="output folder (files are never overwritten)")
+    _add_model_args(t)
+
+
+def _params(args: argparse.Namespace, **task_fields) -> GenerationParams:
+    """Arguments -> validated params, checked before any time is spent on loading."""
+    return GenerationParams(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg_scale=args.cfg_scale,
+        sampler=args.sampler, scheduler=args.scheduler, seed=args.seed, width=args.width, height=args.height,
+        batch_size=args.batch_size, clip_skip=args.clip_skip, eta=args.eta, s_noise=args.s_noise,
+        guidance_rescale=args.guidance_rescale, **task_fields,
+    ).validated()
+
+
+def _generate(args: argparse.Namespace, params: GenerationParams, run) -> int:
+    """Load the model, run `run(engine, params, callback)` with a progress bar, save and print the paths."""
     from tqdm import tqdm
 
     from .engine import load
     from .images import save_png
 
-    params = GenerationParams(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg_scale=args.cfg_scale,
-        sampler=args.sampler, scheduler=args.scheduler, seed=args.seed, width=args.width, height=args.height,
-        batch_size=args.batch_size, clip_skip=args.clip_skip, eta=args.eta, s_noise=args.s_noise,
-        guidance_rescale=args.guidance_rescale,
-    ).validated()  # check arguments before spending time on loading
     t0 = time.perf_counter()
     engine = load(args.model, dtype=args.dtype, device=args.device, prediction=args.prediction)
     for note in engine.loaded.notes:
         print(f"stablekit: {note}", file=sys.stderr)
     print(f"stablekit: loaded {engine.config.name} in {time.perf_counter() - t0:.1f}s "
           f"({engine.device.type}, {args.dtype})", file=sys.stderr)
-    with tqdm(total=params.steps, unit="step", file=sys.stderr, desc="sampling") as bar:
-        images = engine.txt2img(params, callback=lambda i, n, x0: bar.update(1))
+    with tqdm(unit="step", file=sys.stderr, desc="sampling") as bar:
+        images = run(engine, params, lambda i, n, x0: (setattr(bar, "total", n), bar.update(1)))
     for k, image in enumerate(images):
         print(save_png(image, Path(args.out), params.seed + k), flush=True)
     return 0
+
+
+def _txt2img(args: argparse.Namespace) -> int:
+    params = _params(args)
+    return _generate(args, params, lambda engine, p, cb: engine.txt2img(p, callback=cb))
+
+
+def _img2img(args: argparse.Namespace) -> int:
+    from .images import load_picture
+
+    image = load_picture(args.image)
+    width, height = args.width, args.height
+    if width is None or height is None:  # follow the picture, rounded down to multiples of 8
+        width = width or max(8, image.width // 8 * 8)
+        height = height or max(8, image.height // 8 * 8)
+        if (width, height) != image.size:
+            print(f"stablekit: note: working at {width}x{height} (the picture is {image.width}x{image.height})",
+                  file=sys.stderr)
+    args.width, args.height = width, height
+    params = _params(args, denoising_strength=args.strength, resize_mode=args.resize_mode)
+    return _generate(args, params, lambda engine, p, cb: engine.img2img(image, p, callback=cb))
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -133,7 +172,8 @@ def _samplers(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"txt2img": _txt2img, "info": _info, "samplers": _samplers}[args.command](args)
+        commands = {"txt2img": _txt2img, "img2img": _img2img, "info": _info, "samplers": _samplers}
+        return commands[args.command](args)
     except (CheckpointError, ValueError, OSError) as e:  # bad input, unreadable or unwritable files
         print(f"stablekit: error: {e}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ from .checkpoint import LoadedModel, load_model
 from .config import ModelConfig, Prediction
 from .diffusion.samplers import Callback
 from .diffusion.schedule import ModelSchedule
-from .images import infotext, to_pil
+from .images import fit_picture, infotext, to_pil, to_tensor
 from .models.tokenizer import CLIPTokenizer
 from .params import GenerationParams
 from .pipeline import tasks
@@ -56,7 +56,7 @@ class Engine:
     def config(self) -> ModelConfig:
         return self.loaded.config
 
-    def _infotext(self, p: GenerationParams, seed: int) -> str:
+    def _infotext(self, p: GenerationParams, seed: int, extra: dict[str, object] | None = None) -> str:
         fields = {
             "Steps": p.steps,
             "Sampler": p.sampler,
@@ -68,6 +68,7 @@ class Engine:
             "Model": self.loaded.name,
             "Clip skip": p.clip_skip if p.clip_skip > 1 else None,
             "CFG Rescale phi": p.guidance_rescale or None,  # the key the web UI's CFG-rescale extension writes
+            **(extra or {}),
             **p.eta_infotext(),
             "Version": f"stablekit {__version__}",
         }
@@ -87,9 +88,31 @@ class Engine:
         """PIL pictures, each carrying its A1111 infotext in `image.info["parameters"]`."""
         params = replace(params or GenerationParams(), **fields)
         pictures, p = self.txt2img_tensor(params, noise=noise, callback=callback)
+        return self._with_infotext(pictures, p)
+
+    def img2img_tensor(
+        self, image: Image.Image, params: GenerationParams, *, noise: torch.Tensor | None = None,
+        callback: Callback | None = None,
+    ) -> tuple[torch.Tensor, GenerationParams]:
+        """`image` fitted to the params' size with their resize mode, then img2img; see txt2img_tensor."""
+        p = params.validated()
+        picture = to_tensor(fit_picture(image, p.width, p.height, p.resize_mode))
+        return tasks.img2img(self.context, p, picture.to(self.device), noise=noise, callback=callback), p
+
+    def img2img(
+        self, image: Image.Image, params: GenerationParams | None = None, *, noise: torch.Tensor | None = None,
+        callback: Callback | None = None, **fields,
+    ) -> list[Image.Image]:
+        params = replace(params or GenerationParams(), **fields)
+        pictures, p = self.img2img_tensor(image, params, noise=noise, callback=callback)
+        return self._with_infotext(pictures, p, {"Denoising strength": p.denoising_strength})
+
+    def _with_infotext(
+        self, pictures: torch.Tensor, p: GenerationParams, extra: dict[str, object] | None = None
+    ) -> list[Image.Image]:
         images = to_pil(pictures)
         for i, image in enumerate(images):
-            image.info["parameters"] = self._infotext(p, p.seed + i)
+            image.info["parameters"] = self._infotext(p, p.seed + i, extra)
         return images
 
 

@@ -11,6 +11,57 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 
+RESIZE_MODES = ("just-resize", "crop-and-resize", "resize-and-fill")  # the web UI's resize modes 0, 1, 2
+
+
+def load_picture(path: Path) -> Image.Image:
+    """Open a picture file as RGB, with a clear error for anything that is not one."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable picture ({e})") from None
+
+
+def fit_picture(image: Image.Image, width: int, height: int, mode: str = "just-resize") -> Image.Image:
+    """Bring a picture to width x height as the web UI's resize modes do.
+
+    just-resize stretches; crop-and-resize scales to cover and crops the centre; resize-and-fill
+    scales to fit and fills the bands by stretching the picture's edge rows or columns.
+    """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode '{mode}'; choose from {', '.join(RESIZE_MODES)}")
+    image = image.convert("RGB")
+    if image.size == (width, height):
+        return image
+    if mode == "just-resize":
+        return image.resize((width, height), Image.LANCZOS)
+    ratio, src = width / height, image.width / image.height
+    if mode == "crop-and-resize":
+        w, h = (width, round(width / src)) if ratio > src else (round(height * src), height)
+        resized = image.resize((w, h), Image.LANCZOS)
+        left, top = (w - width) // 2, (h - height) // 2
+        return resized.crop((left, top, left + width, top + height))
+    w, h = (round(height * src), height) if ratio > src else (width, round(width / src))
+    resized = image.resize((w, h), Image.LANCZOS)
+    canvas = Image.new("RGB", (width, height))
+    left, top = (width - w) // 2, (height - h) // 2
+    canvas.paste(resized, (left, top))
+    if left > 0:  # stretch the outermost columns into the side bands
+        canvas.paste(resized.crop((0, 0, 1, h)).resize((left, h)), (0, top))
+        canvas.paste(resized.crop((w - 1, 0, w, h)).resize((width - left - w, h)), (left + w, top))
+    if top > 0:
+        canvas.paste(resized.crop((0, 0, w, 1)).resize((w, top)), (left, 0))
+        canvas.paste(resized.crop((0, h - 1, w, h)).resize((w, height - top - h)), (left, top + h))
+    return canvas
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB picture -> [1, 3, H, W] float32 in [0, 1]."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous()
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[B, 3, H, W] float in [0, 1] -> RGB pictures (rounded to 8 bits)."""
     arr = (images.clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)

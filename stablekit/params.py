@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 
 from .diffusion.samplers import SamplerSpec, find_sampler
 from .diffusion.schedule import SCHEDULE_LABELS, resolve_schedule
+from .images import RESIZE_MODES
 
 MAX_SEED = 2**32 - 1
 
@@ -27,6 +28,8 @@ class GenerationParams:
     eta: float | None = None  # ancestral/DDIM noise; None = the sampler's default
     s_noise: float = 1.0  # noise multiplier of ancestral and SDE samplers
     guidance_rescale: float = 0.0  # phi of Lin et al. 2023 (diffusers' guidance_rescale); 0 = off
+    denoising_strength: float = 0.75  # img2img: how much of the schedule runs (0 keeps the picture)
+    resize_mode: str = "just-resize"  # img2img: how a picture of another size is fitted
 
     def validated(self) -> GenerationParams:
         """Check every field; returns a copy with names canonicalised and a concrete seed."""
@@ -48,6 +51,10 @@ class GenerationParams:
             raise ValueError(f"batch size must be between 1 and 64, got {self.batch_size}")
         if self.clip_skip < 1:
             raise ValueError(f"clip skip must be at least 1, got {self.clip_skip}")
+        if not 0 <= self.denoising_strength <= 1:
+            raise ValueError(f"denoising strength must be between 0 and 1, got {self.denoising_strength}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"unknown resize mode '{self.resize_mode}'; choose from {', '.join(RESIZE_MODES)}")
         if not 0 <= self.guidance_rescale <= 1:
             raise ValueError(f"guidance rescale must be between 0 and 1, got {self.guidance_rescale}")
         if not 0 <= self.s_noise <= 10:

@@ -2,7 +2,17 @@
 
 Sigma space (Karras et al. 2022): x = x0 + sigma * noise. A discrete DDPM timestep t with
 cumulative alpha a_t has sigma_t = sqrt((1 - a_t) / a_t); the variance-preserving latent is
-x_vp = x / sqrt(1 + sigma^2). All schedules are float64 on the CPU, descending.
+x_vp = x / sqrt(1 + sigma^2). All schedules are float64 on the CPU, descending, and end at 0
+(except `ddim`, which ends at sigma(t=0) as the DDIM sampler does).
+
+A schedule is `(ms, steps) -> sigmas`, normally steps+1 long. Some follow their reference in
+giving another length: `ddim` and `ddim_uniform` more when `steps` does not divide T, `beta` fewer
+when timesteps repeat, and diffusers' `trailing` one more for 62 step counts in 1..1000.
+
+Where each comes from: k-diffusion `get_sigmas_*` (uniform, karras, exponential, polyexponential);
+ComfyUI comfy/samplers.py = A1111 modules/sd_schedulers.py (normal, sgm_uniform, simple, ddim_uniform;
+beta as ComfyUI); the original DDIM sampler (ddim); diffusers EulerDiscreteScheduler with the SD
+config (leading, linspace, trailing). T = 1000 training timesteps throughout.
 """
 
 from __future__ import annotations
@@ -10,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..config import ScheduleConfig
@@ -69,12 +80,112 @@ def karras(ms: ModelSchedule, steps: int, rho: float = 7.0) -> torch.Tensor:
     return _append_zero((hi + ramp * (lo - hi)) ** rho)
 
 
+def exponential(ms: ModelSchedule, steps: int) -> torch.Tensor:
+    """Evenly spaced in log sigma from sigma_max to sigma_min, then 0 (k-diffusion `get_sigmas_exponential`)."""
+    log_sigmas = torch.linspace(math.log(ms.sigma_max), math.log(ms.sigma_min), steps, dtype=torch.float64)
+    return _append_zero(log_sigmas.exp())
+
+
+def polyexponential(ms: ModelSchedule, steps: int, rho: float = 1.0) -> torch.Tensor:
+    """Log sigma along a ramp**rho, then 0 (k-diffusion `get_sigmas_polyexponential`; rho 1 as A1111's default)."""
+    ramp = torch.linspace(1, 0, steps, dtype=torch.float64) ** rho
+    lo, hi = math.log(ms.sigma_min), math.log(ms.sigma_max)
+    return _append_zero((ramp * (hi - lo) + lo).exp())
+
+
+# t(sigma_max), t(sigma_min): ComfyUI takes the nearest trained timestep, A1111 k-diffusion's interpolated
+# sigma_to_t; both are 999 and 0 for a discrete model.
+def normal(ms: ModelSchedule, steps: int) -> torch.Tensor:
+    """Evenly spaced in t from t(sigma_max) to t(sigma_min), then 0 (ComfyUI/A1111 `normal_scheduler`).
+
+    For a discrete model these are the same sigmas as `uniform`.
+    """
+    start, end = ms.sigma_to_t(ms.sigma_max, quantize=True), ms.sigma_to_t(ms.sigma_min, quantize=True)
+    return _append_zero(ms.t_to_sigma(torch.linspace(start, end, steps, dtype=torch.float64)))
+
+
+def sgm_uniform(ms: ModelSchedule, steps: int) -> torch.Tensor:
+    """`steps` of steps+1 evenly spaced t from t(sigma_max) down, the t(sigma_min) end left out, then 0
+    (ComfyUI `normal_scheduler(sgm=True)`, A1111 `sgm_uniform`: the SGM / SDXL-Turbo spacing)."""
+    start, end = ms.sigma_to_t(ms.sigma_max, quantize=True), ms.sigma_to_t(ms.sigma_min, quantize=True)
+    return _append_zero(ms.t_to_sigma(torch.linspace(start, end, steps + 1, dtype=torch.float64)[:-1]))
+
+
+def simple(ms: ModelSchedule, steps: int) -> torch.Tensor:
+    """Every (T/steps)-th trained sigma from the top, then 0 (ComfyUI/A1111 `simple_scheduler`)."""
+    T = len(ms.sigmas)
+    stride = T / steps  # a float, truncated per step exactly as the reference does
+    return _append_zero(ms.sigmas[[T - 1 - int(x * stride) for x in range(steps)]])
+
+
+def ddim_uniform(ms: ModelSchedule, steps: int) -> torch.Tensor:
+    """Trained sigmas at t = 1, 1 + T//steps, ... below T, descending, then 0 (ComfyUI `ddim_uniform`;
+    A1111's "DDIM" schedule type).
+
+    Unlike `ddim` it ends at 0, not at sigma(t=0), and never clips to T-1, so t = 999 is not repeated.
+    Like `ddim` it walks more steps than asked when `steps` does not divide T (7 -> 8, 30 -> 31).
+    """
+    T = len(ms.sigmas)
+    t = torch.arange(1, T, max(T // steps, 1)).flip(0)
+    return _append_zero(ms.sigmas[t])
+
+
+def _beta_cdf(x: float, a: float, b: float) -> float:
+    """The regularised incomplete beta function I_x(a, b), by its continued fraction (Numerical Recipes 6.4)."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast only below the mean: use I_x(a,b) = 1 - I_{1-x}(b,a)
+        return 1.0 - _beta_cdf(1.0 - x, b, a)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny = 1e-300  # modified Lentz: keeps the convergents' denominators off zero
+    c, d = 1.0, 1.0 / (1.0 - (a + b) * x / (a + 1) or tiny)
+    h = d
+    for m in range(1, 500):
+        for coef in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),  # even term d_2m
+                     -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):  # odd term d_2m+1
+            d = 1.0 / (1.0 + coef * d or tiny)
+            c = 1.0 + coef / c or tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return front * h
+
+
+def _beta_ppf(p: float, a: float, b: float) -> float:
+    """The beta distribution's inverse CDF (scipy.stats.beta.ppf) by bisection on `_beta_cdf`.
+
+    Returns the upper end of the final bracket, so a tie such as ppf(0.5) = 0.5 for a == b never
+    lands a hair below and rounds down where scipy rounds up.
+    """
+    if p <= 0.0 or p >= 1.0:
+        return 0.0 if p <= 0.0 else 1.0
+    lo, hi = 0.0, 1.0
+    while True:
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):  # the bracket is two adjacent floats
+            return hi
+        lo, hi = (mid, hi) if _beta_cdf(mid, a, b) < p else (lo, mid)
+
+
+def beta(ms: ModelSchedule, steps: int, a: float = 0.6, b: float = 0.6) -> torch.Tensor:
+    """Beta(a, b)-quantile timesteps, Lee et al. 2024 (arXiv:2407.12173), as ComfyUI's `beta_scheduler`.
+
+    t_k = rint(ppf(1 - k/steps) * (T-1)), repeats dropped (so many steps can give fewer), trained sigmas,
+    then 0. A1111's "Beta" differs: it spaces sigma itself, sigma_min + ppf * (sigma_max - sigma_min).
+    """
+    T = len(ms.sigmas)
+    quantiles = [1.0 - k * (1.0 / steps) for k in range(steps)]  # numpy's 1 - linspace(0, 1, steps, endpoint=False)
+    t = [round(_beta_ppf(q, a, b) * (T - 1)) for q in quantiles]  # round() is half-to-even, as np.rint
+    return _append_zero(ms.sigmas[list(dict.fromkeys(t))])
+
+
 def ddim(ms: ModelSchedule, steps: int) -> torch.Tensor:
     """DDIM's timesteps range(0, T, T // steps) + 1, clipped to T-1, ending at sigma(t=0), not at zero.
 
-    This is the original DDIM sampler's rule, which the popular web UI keeps: when `steps` does not
-    divide T it yields a few more timesteps than asked (30 -> 31); when it does, it equals diffusers'
-    DDIMScheduler with the SD config ("leading" spacing, steps_offset 1).
+    This is the original DDIM sampler's rule, which the popular web UI's DDIM sampler keeps: when
+    `steps` does not divide T it yields a few more timesteps than asked (30 -> 31); when it does, it
+    equals diffusers' DDIMScheduler with the SD config ("leading" spacing, steps_offset 1). The
+    `ddim_uniform` schedule takes the same timesteps (without the clip) but ends at sigma 0.
     """
     T = len(ms.sigmas)
     if steps > T:
@@ -83,12 +194,81 @@ def ddim(ms: ModelSchedule, steps: int) -> torch.Tensor:
     return torch.cat([ms.sigmas[t], ms.sigmas[:1]])
 
 
+# diffusers' spacings (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
+# Table 2), computed with numpy exactly as EulerDiscreteScheduler.set_timesteps does: the rounding
+# of trailing's float arange decides ties at .5 and its length, so the same float steps are kept.
+def _diffusers_sigmas(ms: ModelSchedule, t: np.ndarray, name: str, steps: int) -> torch.Tensor:
+    """Sigmas at fractional t interpolated linearly in sigma (np.interp, not log sigma, as diffusers' Euler), then 0."""
+    T = len(ms.sigmas)
+    if steps > T:
+        raise ValueError(f"{name} schedule: at most {T} steps, got {steps}")
+    sigmas = np.interp(t.astype(np.float64), np.arange(T), ms.sigmas.numpy())  # t outside [0, T-1] clamps
+    return _append_zero(torch.from_numpy(sigmas))
+
+
+def leading(ms: ModelSchedule, steps: int) -> torch.Tensor:
+    """diffusers timestep_spacing="leading", steps_offset 1: t = k * (T // steps) + 1, descending, then 0.
+
+    One step is t = 1 (sigma 0.04), as in diffusers.
+    """
+    t = (np.arange(0, steps) * (len(ms.sigmas) // steps)).round()[::-1] + 1
+    return _diffusers_sigmas(ms, t, "leading", steps)
+
+
+def linspace(ms: ModelSchedule, steps: int) -> torch.Tensor:
+    """diffusers timestep_spacing="linspace": `steps` t evenly spaced from T-1 to 0 (fractional), then 0.
+
+    One step is t = 0 (sigma_min), as in diffusers (np.linspace(0, T-1, 1) == [0]).
+    """
+    t = np.linspace(0, len(ms.sigmas) - 1, steps)[::-1]
+    return _diffusers_sigmas(ms, t, "linspace", steps)
+
+
+def trailing(ms: ModelSchedule, steps: int) -> torch.Tensor:
+    """diffusers timestep_spacing="trailing": t = round(T - k * T/steps) - 1, from T-1 down, then 0.
+
+    For 62 step counts in 1..1000 (61, 103, ...) numpy's float arange yields one more t, -1, which
+    diffusers keeps (its sigma clamps to sigma_min); so do we.
+    """
+    T = len(ms.sigmas)
+    t = np.arange(T, 0, -T / steps).round() - 1
+    return _diffusers_sigmas(ms, t, "trailing", steps)
+
+
 SCHEDULES: dict[str, Callable[[ModelSchedule, int], torch.Tensor]] = {
     "uniform": uniform,
     "karras": karras,
+    "exponential": exponential,
+    "polyexponential": polyexponential,
+    "sgm_uniform": sgm_uniform,
+    "simple": simple,
+    "normal": normal,
     "ddim": ddim,
+    "ddim_uniform": ddim_uniform,
+    "beta": beta,
+    "leading": leading,
+    "linspace": linspace,
+    "trailing": trailing,
 }
-SCHEDULE_LABELS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras", "ddim": "DDIM"}
+# Canonical name -> the label the web UI shows (A1111 sd_schedulers.py names and labels; "DDIM Uniform"
+# is ComfyUI's ddim_uniform, which A1111 labels "DDIM"; here "DDIM" is the DDIM sampler's rule).
+SCHEDULE_LABELS = {
+    "automatic": "Automatic",
+    "uniform": "Uniform",
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "polyexponential": "Polyexponential",
+    "sgm_uniform": "SGM Uniform",
+    "simple": "Simple",
+    "normal": "Normal",
+    "ddim": "DDIM",
+    "ddim_uniform": "DDIM Uniform",
+    "beta": "Beta",
+    "leading": "Leading",
+    "linspace": "Linspace",
+    "trailing": "Trailing",
+}
+SCHEDULE_ALIASES = {"sgmuniform": "sgm_uniform"}  # A1111's alias "SGMUniform", canonicalised
 
 
 def canonical(name: str) -> str:
@@ -97,14 +277,23 @@ def canonical(name: str) -> str:
 
 
 def resolve_schedule(name: str) -> str:
-    """Accept `karras`, `Karras`, ... -> canonical name; unknown names are an error listing the valid ones."""
+    """Accept a canonical name, a label or an alias in any case (`sgm_uniform`, `SGM Uniform`, `SGMUniform`).
+
+    Returns the canonical name; unknown names are an error listing the valid ones.
+    """
     key = canonical(name)
-    if key in SCHEDULE_LABELS:
-        return key
-    raise ValueError(f"unknown schedule '{name}'; choose from {', '.join(SCHEDULE_LABELS)}")
+    known = {**{canonical(label): k for k, label in SCHEDULE_LABELS.items()}, **SCHEDULE_ALIASES}
+    if key in SCHEDULE_LABELS or key in known:
+        return known.get(key, key)
+    choices = ", ".join(f"'{label}' ({k})" for k, label in SCHEDULE_LABELS.items())
+    raise ValueError(f"unknown schedule '{name}'; choose from {choices}")
 
 
 def make_sigmas(ms: ModelSchedule, name: str, steps: int) -> torch.Tensor:
+    """The sigmas of schedule `name` (any form resolve_schedule accepts) for `steps` steps."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    return SCHEDULES[name](ms, steps)
+    key = resolve_schedule(name)
+    if key == "automatic":
+        raise ValueError("schedule 'automatic' means the sampler's default: resolve it with the sampler first")
+    return SCHEDULES[key](ms, steps)

@@ -53,12 +53,26 @@ def denoise(
     Returns the variance-preserving latent at the last sigma (x / sqrt(1 + sigma^2)), which is
     the clean latent when the schedule ends at zero and DDIM's x at t=0 otherwise.
     """
-    x = noise * spec.initial_noise_scale(float(sigmas[0]))
-    if start is not None:
-        x = x + start
+    if start is None:
+        x = noise * spec.initial_noise_scale(float(sigmas[0]))
+    else:  # a picture's latent noised to sigmas[0]: x = x0 + sigma * noise for every sampler
+        x = start + noise * float(sigmas[0])
     given = {name: (inputs or {})[name] for name in spec.inputs}
     x = spec.fn(denoiser, x, sigmas, generator=generators, callback=callback, **(options or {}), **given)
     return x / math.sqrt(1 + float(sigmas[-1]) ** 2)
+
+
+@torch.inference_mode()
+def encode_picture(model: StableDiffusionModel, pictures: torch.Tensor) -> torch.Tensor:
+    """pictures [B, 3, H, W] in [0, 1] -> scaled latents [B, 4, H/8, W/8] float32.
+
+    The latent distribution's mean is used, not a sample: deterministic, and the VAE's posterior
+    is so narrow that a sample differs by about 1e-3.
+    """
+    vae = model.vae
+    param = next(vae.parameters())
+    mean, _ = vae.encode((pictures * 2 - 1).to(device=param.device, dtype=param.dtype))
+    return mean.float() * vae.cfg.scale_factor
 
 
 @torch.inference_mode()

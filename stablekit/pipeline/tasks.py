@@ -12,7 +12,7 @@ from ..diffusion.schedule import ModelSchedule, make_sigmas
 from ..models import StableDiffusionModel
 from ..models.tokenizer import CLIPTokenizer
 from ..params import GenerationParams
-from .steps import decode, denoise, encode_prompt, generators_for, initial_noise
+from .steps import decode, denoise, encode_picture, encode_prompt, generators_for, initial_noise
 
 
 @dataclass
@@ -39,6 +39,39 @@ def sampler_sigmas(schedule: ModelSchedule, p: GenerationParams) -> torch.Tensor
     return make_sigmas(schedule, p.schedule_name, p.steps)
 
 
+def _guided(ctx: TaskContext, p: GenerationParams) -> CFGDenoiser:
+    cond = encode_prompt(ctx.model, ctx.tokenizer, [p.prompt] * p.batch_size, p.clip_skip)
+    uncond = encode_prompt(ctx.model, ctx.tokenizer, [p.negative_prompt] * p.batch_size, p.clip_skip)
+    return CFGDenoiser(ctx.denoiser(), cond, uncond, p.cfg_scale, rescale=p.guidance_rescale)
+
+
+def _noise(
+    ctx: TaskContext, p: GenerationParams, noise: torch.Tensor | None
+) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """Per-image generators and the initial noise [B, 4, H/8, W/8] (explicit noise replaces the seeded draw)."""
+    down = ctx.model.vae.cfg.downscale
+    shape = (ctx.model.vae.cfg.z_channels, p.height // down, p.width // down)
+    generators = generators_for([p.seed + i for i in range(p.batch_size)])
+    seeded = initial_noise(generators, shape)
+    if noise is not None:
+        if tuple(noise.shape) != (p.batch_size, *shape):
+            raise ValueError(f"explicit noise has shape {tuple(noise.shape)}, expected {(p.batch_size, *shape)}")
+        seeded = noise.float()
+    return seeded.to(ctx.device), generators
+
+
+def _sample(
+    ctx: TaskContext, p: GenerationParams, denoiser: CFGDenoiser, noise: torch.Tensor,
+    generators: list[torch.Generator], sigmas: torch.Tensor, callback: Callback | None,
+    start: torch.Tensor | None = None,
+) -> torch.Tensor:
+    return denoise(
+        denoiser, noise, sigmas, p.sampler_spec, generators, start=start, callback=callback,
+        options=p.sampler_options(),
+        inputs={"model_schedule": ctx.schedule, "seeds": [p.seed + i for i in range(p.batch_size)]},
+    )
+
+
 def txt2img(
     ctx: TaskContext,
     p: GenerationParams,
@@ -49,21 +82,35 @@ def txt2img(
     """Text to picture. `p` must be validated; `noise` [B, 4, H/8, W/8] replaces the seeded noise."""
     if ctx.model.cfg.variant != "base":
         raise ValueError(f"txt2img needs a base model; this is an {ctx.model.cfg.variant} model")
-    down = ctx.model.vae.cfg.downscale
-    shape = (ctx.model.vae.cfg.z_channels, p.height // down, p.width // down)
-    generators = generators_for([p.seed + i for i in range(p.batch_size)])
-    seeded = initial_noise(generators, shape)
-    if noise is not None:
-        if tuple(noise.shape) != (p.batch_size, *shape):
-            raise ValueError(f"explicit noise has shape {tuple(noise.shape)}, expected {(p.batch_size, *shape)}")
-        seeded = noise.float()
-    cond = encode_prompt(ctx.model, ctx.tokenizer, [p.prompt] * p.batch_size, p.clip_skip)
-    uncond = encode_prompt(ctx.model, ctx.tokenizer, [p.negative_prompt] * p.batch_size, p.clip_skip)
-    denoiser = CFGDenoiser(ctx.denoiser(), cond, uncond, p.cfg_scale, rescale=p.guidance_rescale)
+    seeded, generators = _noise(ctx, p, noise)
     sigmas = sampler_sigmas(ctx.schedule, p)
-    latents = denoise(
-        denoiser, seeded.to(ctx.device), sigmas, p.sampler_spec, generators,
-        callback=callback, options=p.sampler_options(),
-        inputs={"model_schedule": ctx.schedule, "seeds": [p.seed + i for i in range(p.batch_size)]},
-    )
+    latents = _sample(ctx, p, _guided(ctx, p), seeded, generators, sigmas, callback)
+    return decode(ctx.model, latents)
+
+
+def img2img(
+    ctx: TaskContext,
+    p: GenerationParams,
+    picture: torch.Tensor,
+    *,
+    noise: torch.Tensor | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Picture [1, 3, H, W] in [0, 1] (already at the target size) to picture.
+
+    The schedule is built for `steps` steps and only its last int(steps * strength) steps run
+    (at least one), from the picture's latent noised to that point, as diffusers and the web UI do.
+    """
+    if ctx.model.cfg.variant != "base":
+        raise ValueError(f"img2img needs a base model; this is an {ctx.model.cfg.variant} model")
+    if tuple(picture.shape[-2:]) != (p.height, p.width):
+        raise ValueError(f"picture is {picture.shape[-1]}x{picture.shape[-2]}, expected {p.width}x{p.height}")
+    pictures = picture.expand(p.batch_size, -1, -1, -1)
+    if p.denoising_strength == 0:
+        return pictures.clone()
+    seeded, generators = _noise(ctx, p, noise)
+    run = max(1, int(p.steps * p.denoising_strength))
+    sigmas = sampler_sigmas(ctx.schedule, p)[-(run + 1):]
+    latents = encode_picture(ctx.model, pictures)
+    latents = _sample(ctx, p, _guided(ctx, p), seeded, generators, sigmas, callback, start=latents)
     return decode(ctx.model, latents)
