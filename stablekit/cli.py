@@ -24,6 +24,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     _add_prediction_arg(p)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights and compute dtype")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--zero-terminal-snr", action="store_true", default=None,
+                   help="the model was trained with zero-terminal-SNR betas (Lin et al. 2023)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,7 +91,8 @@ def _generate(args: argparse.Namespace, params: GenerationParams, run) -> int:
     from .images import save_png
 
     t0 = time.perf_counter()
-    engine = load(args.model, dtype=args.dtype, device=args.device, prediction=args.prediction)
+    engine = load(args.model, dtype=args.dtype, device=args.device, prediction=args.prediction,
+                  zero_terminal_snr=args.zero_terminal_snr)
     for note in engine.loaded.notes:
         print(f"stablekit: {note}", file=sys.stderr)
     print(f"stablekit: loaded {engine.config.name} in {time.perf_counter() - t0:.1f}s "

@@ -85,6 +85,7 @@ class ScheduleConfig:
     linear_start: float = 0.00085
     linear_end: float = 0.012
     timesteps: int = 1000
+    zero_terminal_snr: bool = False  # betas rescaled so the last step is pure noise (Lin et al. 2023)
 
 
 @dataclass(frozen=True)

@@ -123,9 +123,14 @@ def load(
     device: str | None = None,
     prediction: Prediction | None = None,
     quantize_timesteps: bool = False,
+    zero_terminal_snr: bool | None = None,
 ) -> Engine:
-    """Load a checkpoint file, diffusers folder or hub id into an Engine."""
+    """Load a checkpoint file, diffusers folder or hub id into an Engine.
+
+    `zero_terminal_snr` overrides the model's schedule (diffusers' rescale_betas_zero_snr) for
+    models trained that way; None keeps what the checkpoint's config says.
+    """
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    loaded = load_model(model, dtype=torch_dtype, device=dev, prediction=prediction)
+    loaded = load_model(model, dtype=torch_dtype, device=dev, prediction=prediction, zero_terminal_snr=zero_terminal_snr)
     return Engine(loaded, dev, torch_dtype, quantize_timesteps)

@@ -129,6 +129,18 @@ def test_guidance_rescale_matches_diffusers(pair):
     assert_close_pictures(ours, ref, f"{tiny.name} DDIM guidance_rescale=0.7 vs diffusers")  # ... as diffusers does
 
 
+def test_zero_terminal_snr_trailing_euler_matches_diffusers(tiny_models, pair):
+    """The recipe for zero-terminal-SNR v-models: rescaled betas, trailing timesteps, CFG rescale."""
+    tiny, _, pipe = pair
+    scheduler = diffusers.EulerDiscreteScheduler.from_config(
+        pipe.scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    ref = _diffusers(pipe, scheduler, [4], steps=6, cfg=7.0, guidance_rescale=0.7)
+    engine = stablekit.load(tiny.single_file, zero_terminal_snr=True)
+    assert engine.context.schedule.sigma_max > 4000  # the last step is (almost) pure noise
+    ours = _ours(engine, sampler="Euler", scheduler="trailing", steps=6, cfg_scale=7.0, seed=4, guidance_rescale=0.7)
+    assert_close_pictures(ours, ref, f"{tiny.name} Euler trailing, zero terminal SNR, rescale 0.7 vs diffusers")
+
+
 def test_txt2img_dpmpp_2m_karras_matches_diffusers(tiny_models, pair):
     tiny, _, pipe = pair
     scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)

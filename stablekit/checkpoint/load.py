@@ -74,7 +74,9 @@ class OpenedCheckpoint:
     notes: list[str]
 
 
-def open_checkpoint(spec: str | Path, *, prediction: Prediction | None = None) -> OpenedCheckpoint:
+def open_checkpoint(
+    spec: str | Path, *, prediction: Prediction | None = None, zero_terminal_snr: bool | None = None
+) -> OpenedCheckpoint:
     """Find the files, read keys and shapes, detect the model.
 
     Safetensors weights are not read here (only their headers); pickles are read whole by torch.load.
@@ -95,6 +97,10 @@ def open_checkpoint(spec: str | Path, *, prediction: Prediction | None = None) -
     cfg = replace(detect(shapes_of(sd), hints), schedule=schedule)
     source = hints.prediction_source or "default; weights cannot tell, use --prediction v or a .yaml for v-models"
     notes.append(f"prediction: {cfg.prediction} ({source})")
+    if zero_terminal_snr is not None:
+        cfg = replace(cfg, schedule=replace(cfg.schedule, zero_terminal_snr=zero_terminal_snr))
+    if cfg.schedule.zero_terminal_snr:
+        notes.append("schedule: zero terminal SNR (" + ("flag" if zero_terminal_snr else "scheduler config") + ")")
     if not (hints.unet_num_heads or hints.unet_num_head_channels):
         u = cfg.unet
         heads = f"{u.num_heads} heads" if u.num_heads > 0 else f"{u.num_head_channels} channels per head"
@@ -108,9 +114,10 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     prediction: Prediction | None = None,
+    zero_terminal_snr: bool | None = None,
 ) -> LoadedModel:
     """Read, detect and build a model; weights go straight to `dtype` on `device`."""
-    ckpt = open_checkpoint(spec, prediction=prediction)
+    ckpt = open_checkpoint(spec, prediction=prediction, zero_terminal_snr=zero_terminal_snr)
     model = build_and_load(ckpt.config, ckpt.tensors, dtype=dtype, device=device)
     return LoadedModel(model, ckpt.config, ckpt.name, ckpt.path, ckpt.notes)
 

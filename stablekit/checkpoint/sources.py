@@ -54,7 +54,8 @@ def _schedule_from_diffusers(conf: dict) -> ScheduleConfig:
     kind = conf.get("beta_schedule", "scaled_linear")
     if kind != "scaled_linear":
         raise CheckpointError(f"scheduler beta_schedule '{kind}' is not supported (Stable Diffusion uses scaled_linear)")
-    return ScheduleConfig(conf.get("beta_start", 0.00085), conf.get("beta_end", 0.012), conf.get("num_train_timesteps", 1000))
+    return ScheduleConfig(conf.get("beta_start", 0.00085), conf.get("beta_end", 0.012), conf.get("num_train_timesteps", 1000),
+                          zero_terminal_snr=bool(conf.get("rescale_betas_zero_snr", False)))
 
 
 def _component_weights(folder: Path, stems: tuple[str, ...]) -> Path:

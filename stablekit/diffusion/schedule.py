@@ -26,12 +26,28 @@ import torch
 from ..config import ScheduleConfig
 
 
+def zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023, alg. 1: shift and scale sqrt(a_t) so the last step has zero signal.
+
+    The last a_t is then set to 2^-24 instead of 0, as diffusers' Euler scheduler does, so that
+    sigma stays finite (about 4096) in sigma space.
+    """
+    root = alphas_cumprod.sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    out = root**2
+    out[-1] = 2.0**-24
+    return out
+
+
 class ModelSchedule:
     """The training schedule of a discrete-time model: sigma <-> t conversions."""
 
     def __init__(self, cfg: ScheduleConfig = ScheduleConfig()):
         betas = torch.linspace(cfg.linear_start**0.5, cfg.linear_end**0.5, cfg.timesteps, dtype=torch.float64) ** 2
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # [T]
+        if cfg.zero_terminal_snr:
+            self.alphas_cumprod = zero_terminal_snr(self.alphas_cumprod)
         self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()  # [T], ascending in t
         self.log_sigmas = self.sigmas.log()
 
