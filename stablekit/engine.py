@@ -14,6 +14,7 @@ from .config import ModelConfig, Prediction
 from .diffusion.samplers import Callback
 from .diffusion.schedule import ModelSchedule
 from .images import fit_picture, infotext, to_pil, to_tensor
+from .masks import gaussian_blur, mask_from_picture, paste_back
 from .models.tokenizer import CLIPTokenizer
 from .params import GenerationParams
 from .pipeline import tasks
@@ -106,6 +107,41 @@ class Engine:
         params = replace(params or GenerationParams(), **fields)
         pictures, p = self.img2img_tensor(image, params, noise=noise, callback=callback)
         return self._with_infotext(pictures, p, {"Denoising strength": p.denoising_strength})
+
+    def inpaint_tensor(
+        self, image: Image.Image, mask: Image.Image, params: GenerationParams, *,
+        noise: torch.Tensor | None = None, callback: Callback | None = None, resize_mask: bool = False,
+    ) -> tuple[torch.Tensor, GenerationParams]:
+        """Inpaint `image` where `mask` is white (or transparent); pixels outside it are pasted back."""
+        p = params.validated()
+        if mask.size != image.size and not resize_mask:
+            raise ValueError(f"the mask is {mask.width}x{mask.height} but the picture is {image.width}x{image.height}; "
+                             "give a mask of the same size or ask for it to be resized")
+        picture = to_tensor(fit_picture(image, p.width, p.height, p.resize_mode)).to(self.device)
+        raw = mask_from_picture(mask.resize(image.size) if mask.size != image.size else mask, p.invert_mask)
+        raw_picture = Image.fromarray((raw[0, 0].numpy() * 255).round().astype("uint8"))
+        fitted = to_tensor(fit_picture(raw_picture, p.width, p.height, p.resize_mode))[:, :1].to(self.device)
+        soft = gaussian_blur(fitted, p.mask_blur)
+        pictures = tasks.inpaint(self.context, p, picture, soft, noise=noise, callback=callback)
+        if p.paste_back:
+            pictures = paste_back(pictures, picture, soft)
+        return pictures, p
+
+    def inpaint(
+        self, image: Image.Image, mask: Image.Image, params: GenerationParams | None = None, *,
+        noise: torch.Tensor | None = None, callback: Callback | None = None, resize_mask: bool = False, **fields,
+    ) -> list[Image.Image]:
+        params = replace(params or GenerationParams(denoising_strength=1.0), **fields)
+        pictures, p = self.inpaint_tensor(image, mask, params, noise=noise, callback=callback, resize_mask=resize_mask)
+        extra = {
+            "Denoising strength": p.denoising_strength,
+            "Conditional mask weight": p.mask_strength if self.config.variant == "inpaint" else None,
+            "Mask blur": p.mask_blur,
+            "Mask mode": "Inpaint not masked" if p.invert_mask else None,
+            "Masked content": p.masked_content.replace("-", " "),
+            "Inpaint method": p.inpaint_method if p.inpaint_method != "auto" else None,
+        }
+        return self._with_infotext(pictures, p, extra)
 
     def _with_infotext(
         self, pictures: torch.Tensor, p: GenerationParams, extra: dict[str, object] | None = None

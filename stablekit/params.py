@@ -8,6 +8,9 @@ from dataclasses import dataclass, replace
 from .diffusion.samplers import SamplerSpec, find_sampler
 from .diffusion.schedule import SCHEDULE_LABELS, resolve_schedule
 from .images import RESIZE_MODES
+from .masks import MASKED_CONTENT
+
+INPAINT_METHODS = ("auto", "blend", "model")
 
 MAX_SEED = 2**32 - 1
 
@@ -30,6 +33,13 @@ class GenerationParams:
     guidance_rescale: float = 0.0  # phi of Lin et al. 2023 (diffusers' guidance_rescale); 0 = off
     denoising_strength: float = 0.75  # img2img: how much of the schedule runs (0 keeps the picture)
     resize_mode: str = "just-resize"  # img2img: how a picture of another size is fitted
+    # inpainting (web-UI names: mask_blur, inpainting_fill, inpainting_mask_weight)
+    mask_blur: float = 4.0  # Gaussian sigma in pixels of the mask's soft edge
+    invert_mask: bool = False
+    inpaint_method: str = "auto"  # blend (any model), model (9-channel inpainting model), auto
+    masked_content: str = "original"  # fill, original, latent-noise, latent-nothing
+    mask_strength: float = 1.0  # 9-channel models: how much of the masked picture is hidden from the model
+    paste_back: bool = True  # outside the mask, the output's pixels are the input's
 
     def validated(self) -> GenerationParams:
         """Check every field; returns a copy with names canonicalised and a concrete seed."""
@@ -55,6 +65,14 @@ class GenerationParams:
             raise ValueError(f"denoising strength must be between 0 and 1, got {self.denoising_strength}")
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"unknown resize mode '{self.resize_mode}'; choose from {', '.join(RESIZE_MODES)}")
+        if not 0 <= self.mask_blur <= 256:
+            raise ValueError(f"mask blur must be between 0 and 256 pixels, got {self.mask_blur}")
+        if self.inpaint_method not in INPAINT_METHODS:
+            raise ValueError(f"unknown inpainting method '{self.inpaint_method}'; choose from {', '.join(INPAINT_METHODS)}")
+        if self.masked_content not in MASKED_CONTENT:
+            raise ValueError(f"unknown masked content '{self.masked_content}'; choose from {', '.join(MASKED_CONTENT)}")
+        if not 0 <= self.mask_strength <= 1:
+            raise ValueError(f"mask strength must be between 0 and 1, got {self.mask_strength}")
         if not 0 <= self.guidance_rescale <= 1:
             raise ValueError(f"guidance rescale must be between 0 and 1, got {self.guidance_rescale}")
         if not 0 <= self.s_noise <= 10:

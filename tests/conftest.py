@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -41,6 +41,9 @@ class TinyModel:
 
 def tiny_config(family: str) -> ModelConfig:
     vae = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
+    if family == "sd1-inpaint":  # the 9-channel inpainting UNet: noisy latent + mask + masked-picture latent
+        base = tiny_config("sd1")
+        return replace(base, variant="inpaint", unet=replace(base.unet, in_channels=9))
     if family == "sd1":
         text = TextEncoderConfig("clip", width=128, layers=2, heads=2, mlp_width=256)
         unet = UNetConfig(model_channels=32, channel_mult=(1, 1, 2, 2), num_res_blocks=2, attention_levels=(0, 1, 2),
@@ -185,7 +188,7 @@ def private_cache(tmp_path_factory):
 def tiny_models(tmp_path_factory) -> dict[str, TinyModel]:
     root = tmp_path_factory.mktemp("tiny_models")
     models = {}
-    for seed, family in enumerate(("sd1", "sd2")):
+    for seed, family in enumerate(("sd1", "sd2", "sd1-inpaint")):
         cfg = tiny_config(family)
         name = f"tiny-{family}"
         sd = ldm_state_dict(cfg, seed=100 + seed)

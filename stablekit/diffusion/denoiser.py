@@ -70,6 +70,21 @@ class ModelDenoiser:
         return (x0 - x * c_skip) / c_out
 
 
+class MaskedDenoiser:
+    """Blended-latent inpainting: outside the mask the x0 estimate is the original latent.
+
+    Every sampler then keeps the unmasked region on the original's noise trajectory; for the
+    deterministic samplers this equals replacing it with the original noised to each step
+    (diffusers' 4-channel inpainting), and it is the web UI's own formulation.
+    """
+
+    def __init__(self, inner: Denoise, original: torch.Tensor, mask: torch.Tensor):
+        self.inner, self.original, self.mask = inner, original, mask  # mask [B|1, 1, h, w], 1 = repaint
+
+    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        return self.original * (1 - self.mask) + self.inner(x, sigma) * self.mask
+
+
 class CFGDenoiser:
     """Classifier-free guidance (Ho & Salimans 2022): uncond + scale * (cond - uncond).
 

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..diffusion.denoiser import CFGDenoiser, ModelDenoiser
+from ..diffusion.denoiser import CFGDenoiser, Denoise, MaskedDenoiser, ModelDenoiser
 from ..diffusion.samplers import Callback
 from ..diffusion.schedule import ModelSchedule, make_sigmas
+from ..masks import fill_hole, latent_mask
 from ..models import StableDiffusionModel
 from ..models.tokenizer import CLIPTokenizer
 from ..params import GenerationParams
@@ -39,10 +40,11 @@ def sampler_sigmas(schedule: ModelSchedule, p: GenerationParams) -> torch.Tensor
     return make_sigmas(schedule, p.schedule_name, p.steps)
 
 
-def _guided(ctx: TaskContext, p: GenerationParams) -> CFGDenoiser:
+def _guided(ctx: TaskContext, p: GenerationParams, concat: torch.Tensor | None = None) -> CFGDenoiser:
+    """The prompt-guided denoiser; `concat` holds extra input channels (inpainting models)."""
     cond = encode_prompt(ctx.model, ctx.tokenizer, [p.prompt] * p.batch_size, p.clip_skip)
     uncond = encode_prompt(ctx.model, ctx.tokenizer, [p.negative_prompt] * p.batch_size, p.clip_skip)
-    return CFGDenoiser(ctx.denoiser(), cond, uncond, p.cfg_scale, rescale=p.guidance_rescale)
+    return CFGDenoiser(ctx.denoiser(), cond, uncond, p.cfg_scale, concat=concat, rescale=p.guidance_rescale)
 
 
 def _noise(
@@ -61,7 +63,7 @@ def _noise(
 
 
 def _sample(
-    ctx: TaskContext, p: GenerationParams, denoiser: CFGDenoiser, noise: torch.Tensor,
+    ctx: TaskContext, p: GenerationParams, denoiser: Denoise, noise: torch.Tensor,
     generators: list[torch.Generator], sigmas: torch.Tensor, callback: Callback | None,
     start: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -113,4 +115,63 @@ def img2img(
     sigmas = sampler_sigmas(ctx.schedule, p)[-(run + 1):]
     latents = encode_picture(ctx.model, pictures)
     latents = _sample(ctx, p, _guided(ctx, p), seeded, generators, sigmas, callback, start=latents)
+    return decode(ctx.model, latents)
+
+
+def inpaint(
+    ctx: TaskContext,
+    p: GenerationParams,
+    picture: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    noise: torch.Tensor | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Repaint where `mask` [1, 1, H, W] (1 = repaint, may be soft) is set, in picture [1, 3, H, W].
+
+    Two methods: "blend" runs any model and keeps the x0 estimate outside the mask equal to the
+    original latent; "model" gives a 9-channel inpainting model the mask and the masked picture's
+    latent as extra input channels. Returns the decoded pictures before paste-back.
+    """
+    is_inpaint_model = ctx.model.cfg.variant == "inpaint"
+    method = p.inpaint_method if p.inpaint_method != "auto" else ("model" if is_inpaint_model else "blend")
+    if method == "model" and not is_inpaint_model:
+        raise ValueError("inpainting method 'model' needs a 9-channel inpainting checkpoint; use 'blend'")
+    if tuple(mask.shape[-2:]) != tuple(picture.shape[-2:]):
+        raise ValueError(f"mask is {mask.shape[-1]}x{mask.shape[-2]}, picture is {picture.shape[-1]}x{picture.shape[-2]}")
+    hard = (mask >= 0.5).float()  # pixel-space decisions use the binarised mask, as diffusers does
+    source = fill_hole(picture, hard) if p.masked_content == "fill" else picture
+    seeded, generators = _noise(ctx, p, noise)
+    original = encode_picture(ctx.model, source).expand(p.batch_size, -1, -1, -1)
+    lmask = latent_mask(mask, original.shape[-2:]).to(original.device)  # [1, 1, h, w], 1 = repaint
+    start = original
+    if p.masked_content == "latent-noise":  # the web UI reuses the seed's noise here
+        start = original * (1 - lmask) + seeded * lmask
+    elif p.masked_content == "latent-nothing":
+        start = original * (1 - lmask)
+
+    concat = None
+    if is_inpaint_model:  # channels 5..9: mask, then the latent of the picture with the hole greyed out
+        hidden = picture * (1 - hard) + 0.5 * hard
+        conditioning = torch.lerp(picture, hidden, p.mask_strength)
+        concat = torch.cat([lmask.expand(p.batch_size, -1, -1, -1),
+                            encode_picture(ctx.model, conditioning).expand(p.batch_size, -1, -1, -1)], dim=1)
+    denoiser: Denoise = _guided(ctx, p, concat)
+    if method == "blend":
+        denoiser = MaskedDenoiser(denoiser, original, lmask)
+
+    run = max(1, int(p.steps * p.denoising_strength))
+    sigmas = sampler_sigmas(ctx.schedule, p)[-(run + 1):]
+    if p.denoising_strength == 1:
+        # Full strength: the hole starts from pure noise, as diffusers does. With blending, the rest
+        # starts where the blend keeps it, on the original's trajectory (x = x0 + sigma * noise).
+        if method == "blend":
+            sigma0 = float(sigmas[0])
+            extra = p.sampler_spec.initial_noise_scale(sigma0) - sigma0  # DDIM-style samplers start wider
+            start = original * (1 - lmask) + seeded * extra * lmask
+        else:
+            start = None
+    latents = _sample(ctx, p, denoiser, seeded, generators, sigmas, callback, start=start)
+    if method == "blend":  # the last step lands on the original outside the mask
+        latents = latents * lmask + original * (1 - lmask)
     return decode(ctx.model, latents)
