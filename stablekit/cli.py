@@ -11,7 +11,8 @@ from pathlib import Path
 from . import __version__
 from .detect import CheckpointError
 from .images import RESIZE_MODES
-from .params import GenerationParams
+from .masks import MASKED_CONTENT
+from .params import INPAINT_METHODS, GenerationParams
 
 DEFAULTS = GenerationParams()
 
@@ -42,6 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
     i2i.add_argument("--resize-mode", default=DEFAULTS.resize_mode, choices=RESIZE_MODES,
                      help="how a picture of another size is fitted to --width/--height")
     _add_generation_args(i2i, size_default=None)
+    inp = sub.add_parser("inpaint", help="repaint the white (or transparent) part of a mask")
+    inp.add_argument("--image", "-i", required=True, type=Path, help="the picture to edit")
+    inp.add_argument("--mask", required=True, type=Path, help="white repaints, black keeps; or an RGBA picture's alpha")
+    inp.add_argument("--invert-mask", action="store_true", help="repaint the black part instead")
+    inp.add_argument("--resize-mask", action="store_true", help="resize a mask of another size instead of refusing it")
+    inp.add_argument("--mask-blur", type=float, default=DEFAULTS.mask_blur, help="soft edge, Gaussian sigma in pixels")
+    inp.add_argument("--strength", "--denoising-strength", dest="strength", type=float, default=1.0,
+                     help="1 repaints the masked region from noise; lower keeps more of it")
+    inp.add_argument("--method", default=DEFAULTS.inpaint_method, choices=INPAINT_METHODS,
+                     help="blend (any model), model (9-channel inpainting checkpoints), auto")
+    inp.add_argument("--masked-content", default=DEFAULTS.masked_content, choices=MASKED_CONTENT)
+    inp.add_argument("--mask-strength", type=float, default=DEFAULTS.mask_strength,
+                     help="inpainting models: how much of the masked picture is hidden from the model")
+    inp.add_argument("--no-paste-back", dest="paste_back", action="store_false",
+                     help="keep the generated pixels outside the mask too")
+    inp.add_argument("--resize-mode", default=DEFAULTS.resize_mode, choices=RESIZE_MODES)
+    _add_generation_args(inp, size_default=None)
 
     sub.add_parser("samplers", help="list samplers, their aliases and the schedules they accept")
 
@@ -109,10 +127,8 @@ def _txt2img(args: argparse.Namespace) -> int:
     return _generate(args, params, lambda engine, p, cb: engine.txt2img(p, callback=cb))
 
 
-def _img2img(args: argparse.Namespace) -> int:
-    from .images import load_picture
-
-    image = load_picture(args.image)
+def _picture_size(args: argparse.Namespace, image) -> None:
+    """--width/--height default to the picture's size, rounded down to multiples of 8."""
     width, height = args.width, args.height
     if width is None or height is None:  # follow the picture, rounded down to multiples of 8
         width = width or max(8, image.width // 8 * 8)
@@ -121,8 +137,36 @@ def _img2img(args: argparse.Namespace) -> int:
             print(f"stablekit: note: working at {width}x{height} (the picture is {image.width}x{image.height})",
                   file=sys.stderr)
     args.width, args.height = width, height
+
+
+def _img2img(args: argparse.Namespace) -> int:
+    from .images import load_picture
+
+    image = load_picture(args.image)
+    _picture_size(args, image)
     params = _params(args, denoising_strength=args.strength, resize_mode=args.resize_mode)
     return _generate(args, params, lambda engine, p, cb: engine.img2img(image, p, callback=cb))
+
+
+def _inpaint(args: argparse.Namespace) -> int:
+    from .images import load_picture
+
+    image = load_picture(args.image)
+    try:
+        from PIL import Image
+
+        with Image.open(args.mask) as m:
+            mask = m.copy()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{args.mask}: not a readable picture ({e})") from None
+    _picture_size(args, image)
+    params = _params(
+        args, denoising_strength=args.strength, resize_mode=args.resize_mode, mask_blur=args.mask_blur,
+        invert_mask=args.invert_mask, inpaint_method=args.method, masked_content=args.masked_content,
+        mask_strength=args.mask_strength, paste_back=args.paste_back,
+    )
+    return _generate(args, params, lambda engine, p, cb: engine.inpaint(image, mask, p, callback=cb,
+                                                                         resize_mask=args.resize_mask))
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -175,7 +219,8 @@ def _samplers(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"txt2img": _txt2img, "img2img": _img2img, "info": _info, "samplers": _samplers}
+        commands = {"txt2img": _txt2img, "img2img": _img2img, "inpaint": _inpaint, "info": _info,
+                    "samplers": _samplers}
         return commands[args.command](args)
     except (CheckpointError, ValueError, OSError) as e:  # bad input, unreadable or unwritable files
         print(f"stablekit: error: {e}", file=sys.stderr)

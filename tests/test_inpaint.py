@@ -165,3 +165,21 @@ def test_model_method_needs_an_inpainting_model(tiny_models):
     engine = stablekit.load(tiny_models["sd1"].single_file)
     with pytest.raises(ValueError, match="needs a 9-channel inpainting checkpoint"):
         engine.inpaint_tensor(make_picture(), make_mask(), params(inpaint_method="model"))
+
+
+def test_cli_inpaint(tiny_models, tmp_path, capsys):
+    from stablekit.cli import main
+
+    make_picture().save(tmp_path / "in.png")
+    make_mask().save(tmp_path / "mask.png")
+    model = str(tiny_models["sd1-inpaint"].single_file)
+    args = ["inpaint", "--model", model, "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
+            "--prompt", "a star", "--steps", "3", "--seed", "2", "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    (path,) = capsys.readouterr().out.split()
+    with Image.open(path) as im:
+        info = im.info["parameters"]
+        assert im.size == (W, H) and "Conditional mask weight: 1" in info and "Denoising strength: 1" in info
+    make_mask(48, 32).save(tmp_path / "small.png")
+    assert main(args[:6] + [str(tmp_path / "small.png")] + args[7:]) == 2
+    assert "mask is 48x32 but the picture is 96x64" in capsys.readouterr().err

@@ -102,11 +102,14 @@ def _ours(engine, noise=None, **fields) -> torch.Tensor:
 
 
 def _diffusers(pipe, scheduler, seeds: list[int], steps: int, cfg: float, eta: float = 0.0, **extra) -> torch.Tensor:
-    pipe.scheduler = scheduler
+    saved, pipe.scheduler = pipe.scheduler, scheduler  # later tests build theirs from the saved config
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    out = pipe([PROMPT] * len(seeds), negative_prompt=[NEGATIVE] * len(seeds), height=H, width=W,
-               num_inference_steps=steps, guidance_scale=cfg, generator=generators, eta=eta, output_type="pt",
-               **extra)
+    try:
+        out = pipe([PROMPT] * len(seeds), negative_prompt=[NEGATIVE] * len(seeds), height=H, width=W,
+                   num_inference_steps=steps, guidance_scale=cfg, generator=generators, eta=eta, output_type="pt",
+                   **extra)
+    finally:
+        pipe.scheduler = saved
     return out.images
 
 

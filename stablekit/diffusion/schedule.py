@@ -251,6 +251,17 @@ def trailing(ms: ModelSchedule, steps: int) -> torch.Tensor:
     return _diffusers_sigmas(ms, t, "trailing", steps)
 
 
+def lcm(ms: ModelSchedule, steps: int, original_steps: int = 50) -> torch.Tensor:
+    """diffusers' LCMScheduler (Luo et al. 2023): the distillation grid t = k * (T // 50) - 1, k = 1..50,
+    descending, taken at floor(linspace(0, 50, steps, endpoint=False)), then 0."""
+    T = len(ms.sigmas)
+    if steps > original_steps:
+        raise ValueError(f"lcm schedule: at most {original_steps} steps (the distillation grid), got {steps}")
+    grid = (np.arange(1, original_steps + 1) * (T // original_steps) - 1)[::-1]
+    idx = np.floor(np.linspace(0, original_steps, num=steps, endpoint=False)).astype(np.int64)
+    return _append_zero(ms.sigmas[torch.from_numpy(grid[idx].copy())])
+
+
 SCHEDULES: dict[str, Callable[[ModelSchedule, int], torch.Tensor]] = {
     "uniform": uniform,
     "karras": karras,
@@ -265,6 +276,7 @@ SCHEDULES: dict[str, Callable[[ModelSchedule, int], torch.Tensor]] = {
     "leading": leading,
     "linspace": linspace,
     "trailing": trailing,
+    "lcm": lcm,
 }
 # Canonical name -> the label the web UI shows (A1111 sd_schedulers.py names and labels; "DDIM Uniform"
 # is ComfyUI's ddim_uniform, which A1111 labels "DDIM"; here "DDIM" is the DDIM sampler's rule).
@@ -283,6 +295,7 @@ SCHEDULE_LABELS = {
     "leading": "Leading",
     "linspace": "Linspace",
     "trailing": "Trailing",
+    "lcm": "LCM",
 }
 SCHEDULE_ALIASES = {"sgmuniform": "sgm_uniform"}  # A1111's alias "SGMUniform", canonicalised
 
