@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..diffusion.brownian import brownian_noise
 from ..diffusion.denoiser import CFGDenoiser, Denoise, MaskedDenoiser, ModelDenoiser
 from ..diffusion.samplers import Callback
 from ..diffusion.schedule import ModelSchedule, make_sigmas
@@ -67,10 +68,15 @@ def _sample(
     generators: list[torch.Generator], sigmas: torch.Tensor, callback: Callback | None,
     start: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    seeds = [p.seed + i for i in range(p.batch_size)]
+    options = p.sampler_options()
+    full = sampler_sigmas(ctx.schedule, p)
+    if "seeds" in p.sampler_spec.inputs and len(sigmas) < len(full):
+        # img2img runs the tail of the schedule; the web UI's Brownian tree still spans all of it.
+        options["noise_sampler"] = brownian_noise(noise, full, seeds)
     return denoise(
         denoiser, noise, sigmas, p.sampler_spec, generators, start=start, callback=callback,
-        options=p.sampler_options(),
-        inputs={"model_schedule": ctx.schedule, "seeds": [p.seed + i for i in range(p.batch_size)]},
+        options=options, inputs={"model_schedule": ctx.schedule, "seeds": seeds},
     )
 
 
