@@ -125,3 +125,15 @@ def test_cli_img2img_follows_the_picture_size_and_writes_infotext(tiny_models, t
         assert "Denoising strength: 0.5" in im.info["parameters"] and "Size: 96x64" in im.info["parameters"]
     assert main(["img2img", "--model", str(tiny_models["sd1"].single_file), "--image", str(tmp_path / "nope.png"),
                  "--prompt", "x"]) == 2
+
+
+def test_img2img_with_a_brownian_sampler_uses_a_tree_over_the_whole_schedule(tiny_models):
+    """The SDE samplers' noise comes from the image seeds; in img2img the tree still spans the full schedule."""
+    pytest.importorskip("torchsde")
+    engine = stablekit.load(tiny_models["sd1"].single_file)
+    base = dict(prompt=PROMPT, width=W, height=H, steps=6, sampler="DPM++ 2M SDE", denoising_strength=0.5)
+    batch, _ = engine.img2img_tensor(make_picture(), stablekit.GenerationParams(**base, seed=60, batch_size=2))
+    second, _ = engine.img2img_tensor(make_picture(), stablekit.GenerationParams(**base, seed=61))
+    torch.testing.assert_close(batch[1:], second, atol=1e-5, rtol=0)
+    other, _ = engine.img2img_tensor(make_picture(), stablekit.GenerationParams(**base, seed=62))
+    assert (other - second).abs().max() > 1e-3  # the seed reaches the noise
