@@ -59,7 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
     inp.add_argument("--no-paste-back", dest="paste_back", action="store_false",
                      help="keep the generated pixels outside the mask too")
     inp.add_argument("--resize-mode", default=DEFAULTS.resize_mode, choices=RESIZE_MODES)
+    inp.add_argument("--inpaint-area", default=DEFAULTS.inpaint_area, choices=("whole", "masked"),
+                     help="masked: generate a box around the mask at full --width x --height and put it back")
+    inp.add_argument("--padding", type=int, default=DEFAULTS.inpaint_padding, help="pixels around the mask's box")
+    inp.add_argument("--soft", action="store_true", help="use the greyscale mask as per-pixel denoising strength")
     _add_generation_args(inp, size_default=None)
+
+    out = sub.add_parser("outpaint", help="extend the canvas and paint the new area")
+    out.add_argument("--image", "-i", required=True, type=Path)
+    for side in ("left", "right", "top", "bottom"):
+        out.add_argument(f"--{side}", type=int, default=0, help=f"pixels to add on the {side}")
+    out.add_argument("--fill", default="edges", choices=("edges", "noise"), help="what the new area starts as")
+    out.add_argument("--strength", "--denoising-strength", dest="strength", type=float, default=1.0)
+    out.add_argument("--mask-blur", type=float, default=DEFAULTS.mask_blur)
+    out.add_argument("--masked-content", default="original", choices=MASKED_CONTENT)
+    _add_generation_args(out, size_default=None)
 
     sub.add_parser("samplers", help="list samplers, their aliases and the schedules they accept")
 
@@ -163,10 +177,24 @@ def _inpaint(args: argparse.Namespace) -> int:
     params = _params(
         args, denoising_strength=args.strength, resize_mode=args.resize_mode, mask_blur=args.mask_blur,
         invert_mask=args.invert_mask, inpaint_method=args.method, masked_content=args.masked_content,
-        mask_strength=args.mask_strength, paste_back=args.paste_back,
+        mask_strength=args.mask_strength, paste_back=args.paste_back, inpaint_area=args.inpaint_area,
+        inpaint_padding=args.padding, soft_inpainting=args.soft,
     )
     return _generate(args, params, lambda engine, p, cb: engine.inpaint(image, mask, p, callback=cb,
                                                                          resize_mask=args.resize_mask))
+
+
+def _outpaint(args: argparse.Namespace) -> int:
+    from .images import load_picture
+    from .pipeline.editing import outpaint_canvas
+
+    image = load_picture(args.image)
+    canvas, mask = outpaint_canvas(image, args.left, args.right, args.top, args.bottom, args.fill)
+    print(f"stablekit: note: canvas {canvas.width}x{canvas.height}", file=sys.stderr)
+    args.width, args.height = args.width or canvas.width, args.height or canvas.height
+    params = _params(args, denoising_strength=args.strength, mask_blur=args.mask_blur,
+                     masked_content=args.masked_content)
+    return _generate(args, params, lambda engine, p, cb: engine.inpaint(canvas, mask, p, callback=cb))
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -219,8 +247,8 @@ def _samplers(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"txt2img": _txt2img, "img2img": _img2img, "inpaint": _inpaint, "info": _info,
-                    "samplers": _samplers}
+        commands = {"txt2img": _txt2img, "img2img": _img2img, "inpaint": _inpaint, "outpaint": _outpaint,
+                    "info": _info, "samplers": _samplers}
         return commands[args.command](args)
     except (CheckpointError, ValueError, OSError) as e:  # bad input, unreadable or unwritable files
         print(f"stablekit: error: {e}", file=sys.stderr)

@@ -14,10 +14,9 @@ from .config import ModelConfig, Prediction
 from .diffusion.samplers import Callback
 from .diffusion.schedule import ModelSchedule
 from .images import fit_picture, infotext, to_pil, to_tensor
-from .masks import gaussian_blur, mask_from_picture, paste_back
 from .models.tokenizer import CLIPTokenizer
 from .params import GenerationParams
-from .pipeline import tasks
+from .pipeline import editing, tasks
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -112,19 +111,13 @@ class Engine:
         self, image: Image.Image, mask: Image.Image, params: GenerationParams, *,
         noise: torch.Tensor | None = None, callback: Callback | None = None, resize_mask: bool = False,
     ) -> tuple[torch.Tensor, GenerationParams]:
-        """Inpaint `image` where `mask` is white (or transparent); pixels outside it are pasted back."""
+        """Inpaint `image` where `mask` is white (or transparent); pixels outside it are pasted back.
+
+        With inpaint_area "masked" the result has the picture's own size; otherwise width x height.
+        """
         p = params.validated()
-        if mask.size != image.size and not resize_mask:
-            raise ValueError(f"the mask is {mask.width}x{mask.height} but the picture is {image.width}x{image.height}; "
-                             "give a mask of the same size or ask for it to be resized")
-        picture = to_tensor(fit_picture(image, p.width, p.height, p.resize_mode)).to(self.device)
-        raw = mask_from_picture(mask.resize(image.size) if mask.size != image.size else mask, p.invert_mask)
-        raw_picture = Image.fromarray((raw[0, 0].numpy() * 255).round().astype("uint8"))
-        fitted = to_tensor(fit_picture(raw_picture, p.width, p.height, p.resize_mode))[:, :1].to(self.device)
-        soft = gaussian_blur(fitted, p.mask_blur)
-        pictures = tasks.inpaint(self.context, p, picture, soft, noise=noise, callback=callback)
-        if p.paste_back:
-            pictures = paste_back(pictures, picture, soft)
+        pictures = editing.inpaint_pictures(self.context, p, image, mask, noise=noise, callback=callback,
+                                            resize_mask=resize_mask)
         return pictures, p
 
     def inpaint(
@@ -139,9 +132,22 @@ class Engine:
             "Mask blur": p.mask_blur,
             "Mask mode": "Inpaint not masked" if p.invert_mask else None,
             "Masked content": p.masked_content.replace("-", " "),
+            "Inpaint area": "Only masked" if p.inpaint_area == "masked" else None,
+            "Masked area padding": p.inpaint_padding if p.inpaint_area == "masked" else None,
+            "Soft inpainting": True if p.soft_inpainting else None,
             "Inpaint method": p.inpaint_method if p.inpaint_method != "auto" else None,
         }
         return self._with_infotext(pictures, p, extra)
+
+    def outpaint(
+        self, image: Image.Image, *, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0,
+        fill: str = "edges", params: GenerationParams | None = None, callback: Callback | None = None, **fields,
+    ) -> list[Image.Image]:
+        """Extend the canvas, fill the new area with edge colours or noise, and inpaint it."""
+        canvas, mask = editing.outpaint_canvas(image, left, right, top, bottom, fill)
+        base = params or GenerationParams(denoising_strength=1.0, masked_content="original")
+        fields = {"width": canvas.width, "height": canvas.height, **fields}
+        return self.inpaint(canvas, mask, base, callback=callback, **fields)
 
     def _with_infotext(
         self, pictures: torch.Tensor, p: GenerationParams, extra: dict[str, object] | None = None

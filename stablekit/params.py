@@ -40,6 +40,9 @@ class GenerationParams:
     masked_content: str = "original"  # fill, original, latent-noise, latent-nothing
     mask_strength: float = 1.0  # 9-channel models: how much of the masked picture is hidden from the model
     paste_back: bool = True  # outside the mask, the output's pixels are the input's
+    inpaint_area: str = "whole"  # whole picture, or "masked": a box around the mask at full resolution
+    inpaint_padding: int = 32  # pixels around the mask's box for "masked"
+    soft_inpainting: bool = False  # the (greyscale) mask is a per-pixel denoising strength
 
     def validated(self) -> GenerationParams:
         """Check every field; returns a copy with names canonicalised and a concrete seed."""
@@ -71,6 +74,10 @@ class GenerationParams:
             raise ValueError(f"unknown inpainting method '{self.inpaint_method}'; choose from {', '.join(INPAINT_METHODS)}")
         if self.masked_content not in MASKED_CONTENT:
             raise ValueError(f"unknown masked content '{self.masked_content}'; choose from {', '.join(MASKED_CONTENT)}")
+        if self.inpaint_area not in ("whole", "masked"):
+            raise ValueError(f"unknown inpaint area '{self.inpaint_area}'; choose whole or masked")
+        if not isinstance(self.inpaint_padding, int) or not 0 <= self.inpaint_padding <= 4096:
+            raise ValueError(f"padding must be a whole number of pixels from 0 to 4096, got {self.inpaint_padding}")
         if not 0 <= self.mask_strength <= 1:
             raise ValueError(f"mask strength must be between 0 and 1, got {self.mask_strength}")
         if not 0 <= self.guidance_rescale <= 1:

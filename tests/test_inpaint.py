@@ -183,3 +183,111 @@ def test_cli_inpaint(tiny_models, tmp_path, capsys):
     make_mask(48, 32).save(tmp_path / "small.png")
     assert main(args[:6] + [str(tmp_path / "small.png")] + args[7:]) == 2
     assert "mask is 48x32 but the picture is 96x64" in capsys.readouterr().err
+
+
+# --- only masked, outpainting, soft inpainting --------------------------------------------------------
+
+
+@pytest.mark.parametrize("box, padding, size, expected", [
+    ((40, 30, 50, 40), 8, (64, 64), (32, 22, 58, 48)),  # padded on every side, already square
+    ((40, 30, 50, 40), 0, (96, 48), (35, 30, 55, 40)),  # widened to 2:1 around the centre
+    ((0, 0, 10, 10), 4, (64, 64), (0, 0, 14, 14)),  # at the corner: kept inside the picture
+    ((90, 50, 100, 60), 0, (96, 64), (85, 50, 100, 60)),  # at the far border, widened to 3:2
+    ((48, 30, 49, 31), 0, (64, 64), (48, 30, 49, 31)),  # one pixel
+    ((0, 0, 100, 60), 32, (96, 64), (0, 0, 100, 60)),  # everything
+])
+def test_mask_box(box, padding, size, expected):
+    from stablekit.masks import mask_box
+
+    mask = torch.zeros(1, 1, 60, 100)
+    left, top, right, bottom = box
+    mask[..., top:bottom, left:right] = 1
+    got = mask_box(mask > 0, padding, *size)
+    assert got == expected
+    l, t, r, b = got
+    assert 0 <= l < r <= 100 and 0 <= t < b <= 60
+    assert mask[..., t:b, l:r].sum() == mask.sum()  # the whole mask is inside the box
+
+
+def test_only_masked_returns_the_picture_size_and_changes_only_the_box(tiny_models):
+    engine = stablekit.load(tiny_models["sd1"].single_file)
+    image = make_picture(160, 120)
+    mask = Image.new("L", image.size, 0)
+    mask.paste(255, (100, 70, 130, 100))
+    out = engine.inpaint(image, mask, params(inpaint_area="masked", inpaint_padding=8, mask_blur=2.0,
+                                             paste_back=True, batch_size=1, steps=4))[0]
+    assert out.size == image.size
+    original, result = np.asarray(image).astype(int), np.asarray(out).astype(int)
+    changed = np.abs(result - original).sum(-1) > 0
+    rows, cols = np.nonzero(changed)
+    assert changed.sum() > 100
+    assert rows.min() >= 70 - 8 and rows.max() < 100 + 8 and cols.min() >= 100 - 8 and cols.max() < 130 + 8
+    assert "Inpaint area: Only masked" in out.info["parameters"] and "Masked area padding: 8" in out.info["parameters"]
+
+
+@pytest.mark.parametrize("sides", [(16, 0, 0, 0), (0, 13, 5, 0), (8, 8, 8, 8)])
+def test_outpaint_canvas(sides):
+    from stablekit.pipeline.editing import outpaint_canvas
+
+    image = make_picture(50, 30)
+    canvas, mask = outpaint_canvas(image, *sides)
+    assert canvas.width % 8 == 0 and canvas.height % 8 == 0
+    assert canvas.width >= 50 + sides[0] + sides[1] and canvas.height >= 30 + sides[2] + sides[3]
+    m = np.asarray(mask)
+    inside = m == 0
+    assert inside.sum() == 50 * 30 and (m == 255).sum() == canvas.width * canvas.height - 50 * 30
+    rows, cols = np.nonzero(inside)
+    kept = np.asarray(canvas)[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    assert np.array_equal(kept, np.asarray(image))
+    with pytest.raises(ValueError, match="positive"):
+        outpaint_canvas(image, 0, 0, 0, 0)
+
+
+def test_outpaint_keeps_the_picture_and_paints_the_border(tiny_models):
+    engine = stablekit.load(tiny_models["sd1"].single_file)
+    image = make_picture(64, 48)
+    out = engine.outpaint(image, left=16, right=16, params=params(batch_size=1, steps=3, mask_blur=0.0,
+                                                                    paste_back=True, denoising_strength=1.0))[0]
+    assert out.size == (96, 48)
+    assert np.array_equal(np.asarray(out)[:, 16:80], np.asarray(image))
+
+
+def test_soft_inpainting_lets_each_pixel_join_when_the_schedule_reaches_its_strength():
+    """Per pixel, soft inpainting with strength m equals img2img with strength m (exact denoiser, Euler)."""
+    from stablekit.diffusion.denoiser import SoftMaskedDenoiser
+    from stablekit.diffusion.k_samplers import sample_euler
+    from stablekit.diffusion.schedule import ModelSchedule, make_sigmas
+
+    from .test_samplers import exact_denoiser
+
+    steps = 10
+    full = make_sigmas(ModelSchedule(), "karras", steps)
+    g = torch.Generator().manual_seed(0)
+    original, noise = torch.randn(1, 4, 3, 8, generator=g).double(), torch.randn(1, 4, 3, 8, generator=g).double()
+    strength = torch.tensor([0.0, 0.5, 1.0]).view(1, 1, 3, 1).expand(1, 1, 3, 8).double()  # one row per strength
+    soft = SoftMaskedDenoiser(exact_denoiser, original, strength, full)
+    out = sample_euler(soft, original + float(full[0]) * noise, full)
+    assert torch.allclose(out[:, :, 0], original[:, :, 0], atol=1e-12)  # strength 0: untouched
+    for row, m in ((1, 0.5), (2, 1.0)):
+        k = steps - int(steps * m)  # img2img with strength m starts at full[k]
+        expected = sample_euler(exact_denoiser, original + float(full[k]) * noise, full[k:])
+        assert torch.allclose(out[:, :, row], expected[:, :, row], atol=1e-10)
+
+
+def test_soft_inpainting_through_the_engine_keeps_strength_zero_pixels(tiny_models, tmp_path, capsys):
+    from stablekit.cli import main
+
+    engine = stablekit.load(tiny_models["sd1"].single_file)
+    image = make_picture()
+    ramp = np.tile(np.linspace(0, 255, W).astype(np.uint8), (H, 1))
+    ramp[:, :24] = 0  # the left quarter keeps
+    out = engine.inpaint(image, Image.fromarray(ramp), params(soft_inpainting=True, batch_size=1, steps=4,
+                                                              paste_back=True, denoising_strength=1.0))[0]
+    assert np.array_equal(np.asarray(out)[:, :20], np.asarray(image)[:, :20])
+    assert "Soft inpainting: True" in out.info["parameters"]
+    image.save(tmp_path / "in.png")
+    assert main(["outpaint", "--model", str(tiny_models["sd1"].single_file), "--image", str(tmp_path / "in.png"),
+                 "--right", "20", "--prompt", "x", "--steps", "2", "--out", str(tmp_path / "out")]) == 0
+    (path,) = capsys.readouterr().out.split()
+    with Image.open(path) as im:
+        assert im.size == (120, 64)

@@ -85,6 +85,29 @@ class MaskedDenoiser:
         return self.original * (1 - self.mask) + self.inner(x, sigma) * self.mask
 
 
+class SoftMaskedDenoiser:
+    """Soft inpainting: the mask is a per-pixel denoising strength in [0, 1].
+
+    A latent pixel of strength m follows the original (as in MaskedDenoiser) until the part of the
+    schedule still to run drops to m, then joins the generation; strength 1 takes part from the
+    start, strength 0 never. The schedule position of a sigma is read off the full schedule.
+    """
+
+    def __init__(self, inner: Denoise, original: torch.Tensor, strength: torch.Tensor, schedule: torch.Tensor):
+        self.inner, self.original, self.strength = inner, original, strength  # strength [B|1, 1, h, w]
+        self.schedule = schedule.tolist()  # the full schedule, descending, for `steps` steps
+
+    def remaining(self, sigma: float) -> float:
+        """Fraction of the full schedule still to run at `sigma` (1 at the start, 0 at the end)."""
+        steps = len(self.schedule) - 1
+        passed = sum(1 for s in self.schedule[1:] if s >= sigma)  # schedule entries at or above sigma
+        return (steps - passed) / steps
+
+    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        active = (self.strength >= self.remaining(sigma)).float()
+        return self.original * (1 - active) + self.inner(x, sigma) * active
+
+
 class CFGDenoiser:
     """Classifier-free guidance (Ho & Salimans 2022): uncond + scale * (cond - uncond).
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..diffusion.brownian import brownian_noise
-from ..diffusion.denoiser import CFGDenoiser, Denoise, MaskedDenoiser, ModelDenoiser
+from ..diffusion.denoiser import CFGDenoiser, Denoise, MaskedDenoiser, ModelDenoiser, SoftMaskedDenoiser
 from ..diffusion.samplers import Callback
 from ..diffusion.schedule import ModelSchedule, make_sigmas
 from ..masks import fill_hole, latent_mask
@@ -163,12 +164,16 @@ def inpaint(
         concat = torch.cat([lmask.expand(p.batch_size, -1, -1, -1),
                             encode_picture(ctx.model, conditioning).expand(p.batch_size, -1, -1, -1)], dim=1)
     denoiser: Denoise = _guided(ctx, p, concat)
-    if method == "blend":
+    full = sampler_sigmas(ctx.schedule, p)
+    if p.soft_inpainting:  # per-pixel strength: the soft mask at latent size times the overall strength
+        lmask = F.interpolate(mask, size=original.shape[-2:], mode="area").to(original.device) * p.denoising_strength
+        denoiser = SoftMaskedDenoiser(denoiser, original, lmask, full)
+    elif method == "blend":
         denoiser = MaskedDenoiser(denoiser, original, lmask)
 
     run = max(1, int(p.steps * p.denoising_strength))
-    sigmas = sampler_sigmas(ctx.schedule, p)[-(run + 1):]
-    if p.denoising_strength == 1:
+    sigmas = full[-(run + 1):]
+    if p.denoising_strength == 1 and not p.soft_inpainting:
         # Full strength: the hole starts from pure noise, as diffusers does. With blending, the rest
         # starts where the blend keeps it, on the original's trajectory (x = x0 + sigma * noise).
         if method == "blend":
@@ -178,6 +183,8 @@ def inpaint(
         else:
             start = None
     latents = _sample(ctx, p, denoiser, seeded, generators, sigmas, callback, start=start)
-    if method == "blend":  # the last step lands on the original outside the mask
+    if p.soft_inpainting:  # pixels of strength 0 never joined: exactly the original
+        latents = torch.where(lmask > 0, latents, original)
+    elif method == "blend":  # the last step lands on the original outside the mask
         latents = latents * lmask + original * (1 - lmask)
     return decode(ctx.model, latents)

@@ -1,0 +1,104 @@
+"""Picture editing around the inpaint task: mask preparation, "only masked" crops, outpainting canvases.
+
+Everything here works on pictures; the latent work is `tasks.inpaint`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..diffusion.samplers import Callback
+from ..images import fit_picture, to_tensor
+from ..masks import fill_hole, gaussian_blur, mask_box, mask_from_picture, paste_back
+from ..params import GenerationParams
+from . import tasks
+
+
+def _mask_tensor(image: Image.Image, mask: Image.Image, p: GenerationParams, resize_mask: bool) -> torch.Tensor:
+    """The mask at the picture's own size, [1, 1, H, W], 1 = repaint (inverted if asked)."""
+    if mask.size != image.size:
+        if not resize_mask:
+            raise ValueError(f"the mask is {mask.width}x{mask.height} but the picture is {image.width}x{image.height}; "
+                             "give a mask of the same size or ask for it to be resized")
+        mask = mask.resize(image.size, Image.BILINEAR)
+    return mask_from_picture(mask, p.invert_mask)
+
+
+def _fit(values: torch.Tensor, width: int, height: int, mode: str) -> torch.Tensor:
+    """Fit a one-channel [1, 1, H, W] map with the same resize mode as the picture."""
+    grey = Image.fromarray((values[0, 0].numpy() * 255).round().astype(np.uint8))
+    return to_tensor(fit_picture(grey, width, height, mode))[:, :1]
+
+
+def _resize(pictures: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """[B, C, H, W] in [0, 1] -> [B, C, height, width], with antialiasing when shrinking."""
+    return F.interpolate(pictures, size=(height, width), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def inpaint_pictures(
+    ctx: tasks.TaskContext,
+    p: GenerationParams,
+    image: Image.Image,
+    mask: Image.Image,
+    *,
+    noise: torch.Tensor | None = None,
+    callback: Callback | None = None,
+    resize_mask: bool = False,
+) -> torch.Tensor:
+    """Inpaint as the web UI does: the whole picture at width x height, or ("masked" area) a box
+    around the mask generated at width x height and put back into the picture at its own size."""
+    raw = _mask_tensor(image, mask, p, resize_mask)
+    if p.inpaint_area == "whole":
+        picture = to_tensor(fit_picture(image, p.width, p.height, p.resize_mode)).to(ctx.device)
+        soft = gaussian_blur(_fit(raw, p.width, p.height, p.resize_mode), p.mask_blur).to(ctx.device)
+        pictures = tasks.inpaint(ctx, p, picture, soft, noise=noise, callback=callback)
+        return paste_back(pictures, picture, soft) if p.paste_back else pictures
+
+    full = to_tensor(image).to(ctx.device)  # [1, 3, H, W] at the picture's own size
+    soft_full = gaussian_blur(raw, p.mask_blur).to(ctx.device)
+    left, top, right, bottom = mask_box(soft_full > 0, p.inpaint_padding, p.width, p.height)
+    crop, crop_mask = full[..., top:bottom, left:right], soft_full[..., top:bottom, left:right]
+    generated = tasks.inpaint(ctx, p, _resize(crop, p.width, p.height), _resize(crop_mask, p.width, p.height),
+                              noise=noise, callback=callback)
+    back = _resize(generated, right - left, bottom - top)
+    if p.paste_back:
+        back = paste_back(back, crop, crop_mask)
+    out = full.expand(p.batch_size, -1, -1, -1).clone()
+    out[..., top:bottom, left:right] = back
+    return out
+
+
+def outpaint_canvas(
+    image: Image.Image, left: int, right: int, top: int, bottom: int, fill: str = "edges"
+) -> tuple[Image.Image, Image.Image]:
+    """A larger canvas with the picture in it and a mask of the new area (white).
+
+    Each side grows by at least the asked amount, rounded up so both sides of the canvas are
+    multiples of 8. The new area is filled with the picture's edge colours ("edges") or noise.
+    """
+    if min(left, right, top, bottom) < 0 or left + right + top + bottom == 0:
+        raise ValueError("outpainting needs a positive --left, --right, --top or --bottom")
+    width, height = image.width + left + right, image.height + top + bottom
+    extra_w, extra_h = -width % 8, -height % 8  # round up, adding the extra where something grows
+    right += extra_w if right or not left else 0
+    left += extra_w if left and not right else 0
+    bottom += extra_h if bottom or not top else 0
+    top += extra_h if top and not bottom else 0
+    width, height = image.width + left + right, image.height + top + bottom
+    mask = Image.new("L", (width, height), 255)
+    mask.paste(0, (left, top, left + image.width, top + image.height))
+    canvas = Image.new("RGB", (width, height))
+    canvas.paste(image.convert("RGB"), (left, top))
+    hole = to_tensor(mask)[:, :1]
+    if fill == "edges":
+        filled = fill_hole(to_tensor(canvas), hole)
+    elif fill == "noise":
+        rng = torch.Generator().manual_seed(0)
+        filled = to_tensor(canvas) * (1 - hole) + torch.rand((1, 3, height, width), generator=rng) * hole
+    else:
+        raise ValueError(f"unknown outpainting fill '{fill}'; choose edges or noise")
+    arr = (filled[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(arr), mask
