@@ -291,3 +291,20 @@ def test_soft_inpainting_through_the_engine_keeps_strength_zero_pixels(tiny_mode
     (path,) = capsys.readouterr().out.split()
     with Image.open(path) as im:
         assert im.size == (120, 64)
+
+
+def test_strength_zero_returns_the_picture_and_full_strength_latent_noise_ignores_the_hole(tiny_models):
+    engine = stablekit.load(tiny_models["sd1"].single_file)
+    mask = make_mask()
+    a = make_picture()
+    kept, _ = engine.inpaint_tensor(a, mask, params(denoising_strength=0.0, batch_size=1))
+    assert torch.equal(kept, to_tensor(a))
+    b = a.copy()
+    b.paste((255, 0, 255), (28, 20, 60, 44))  # differs from a only inside the mask
+    inside = mask_from_picture(mask)[0, 0] == 1
+    run = dict(masked_content="latent-noise", denoising_strength=1.0, batch_size=1)
+    pa = engine.inpaint_tensor(a, mask, params(**run))[0]
+    pb = engine.inpaint_tensor(b, mask, params(**run))[0]
+    input_gap = (to_tensor(a)[0][:, inside] - to_tensor(b)[0][:, inside]).abs().mean()
+    output_gap = (pa[0][:, inside] - pb[0][:, inside]).abs().mean()
+    assert output_gap < 0.1 * input_gap  # only the VAE's view across the mask edge can carry anything over

@@ -146,6 +146,8 @@ def inpaint(
         raise ValueError("inpainting method 'model' needs a 9-channel inpainting checkpoint; use 'blend'")
     if tuple(mask.shape[-2:]) != tuple(picture.shape[-2:]):
         raise ValueError(f"mask is {mask.shape[-1]}x{mask.shape[-2]}, picture is {picture.shape[-1]}x{picture.shape[-2]}")
+    if p.denoising_strength == 0:  # nothing to repaint
+        return picture.expand(p.batch_size, -1, -1, -1).clone()
     hard = (mask >= 0.5).float()  # pixel-space decisions use the binarised mask, as diffusers does
     source = fill_hole(picture, hard) if p.masked_content == "fill" else picture
     seeded, generators = _noise(ctx, p, noise)
