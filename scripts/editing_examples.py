@@ -1,0 +1,61 @@
+"""Before/after picture pairs for img2img, both inpainting methods and outpainting, made with the
+tiny random-weight test models (so the "after" shows where things changed, not a meaningful picture).
+
+    python scripts/editing_examples.py docs/examples
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+from PIL import Image
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.conftest import ldm_state_dict, ldm_yaml, tiny_config  # noqa: E402
+from tests.test_img2img import make_picture  # noqa: E402
+from tests.test_inpaint import make_mask  # noqa: E402
+
+import stablekit  # noqa: E402
+
+
+def tiny_model(family: str, folder: Path) -> Path:
+    cfg = tiny_config(family)
+    path = folder / f"tiny-{family}.safetensors"
+    save_file(ldm_state_dict(cfg, seed=100), str(path))
+    path.with_suffix(".yaml").write_text(yaml.safe_dump(ldm_yaml(cfg)))
+    return path
+
+
+def side_by_side(before: Image.Image, after: Image.Image) -> Image.Image:
+    out = Image.new("RGB", (before.width + after.width + 4, max(before.height, after.height)), "white")
+    out.paste(before, (0, 0))
+    out.paste(after, (before.width + 4, 0))
+    return out.resize((out.width * 3, out.height * 3), Image.NEAREST)
+
+
+def main(out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = stablekit.load(tiny_model("sd1", Path(tmp)))
+        inpaint_model = stablekit.load(tiny_model("sd1-inpaint", Path(tmp)))
+    picture, mask = make_picture(), make_mask()
+    common = dict(prompt="a yellow star", width=96, height=64, steps=12, seed=1, sampler="Euler a")
+    pairs = {
+        "img2img": (picture, base.img2img(picture, denoising_strength=0.5, **common)[0]),
+        "inpaint-blend": (picture, base.inpaint(picture, mask, denoising_strength=1.0, **common)[0]),
+        "inpaint-model": (picture, inpaint_model.inpaint(picture, mask, denoising_strength=1.0, **common)[0]),
+        "outpaint": (make_picture(64, 64), base.outpaint(make_picture(64, 64), right=32, prompt="a yellow star",
+                                                         steps=12, seed=1, sampler="Euler a")[0]),
+    }
+    for name, (before, after) in pairs.items():
+        path = out_dir / f"{name}.png"
+        side_by_side(before, after).save(path)
+        print(path)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/examples"))
