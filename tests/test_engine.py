@@ -60,7 +60,7 @@ def test_batch_image_equals_single_run_with_its_seed(sd1, sampler):
     batch, _ = sd1.txt2img_tensor(params(sampler=sampler, seed=40, batch_size=3, eta=eta))
     for i in range(3):
         single, _ = sd1.txt2img_tensor(params(sampler=sampler, seed=40 + i, eta=eta))
-        torch.testing.assert_close(batch[i : i + 1], single, atol=1e-5, rtol=0)
+        torch.testing.assert_close(batch[i : i + 1], single, atol=1e-4, rtol=0)  # batched kernels sum in another order
 
 
 @pytest.mark.parametrize("cfg_scale, unet_batch", [(1.0, 1), (7.0, 2)])

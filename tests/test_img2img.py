@@ -90,7 +90,7 @@ def test_img2img_batch_equals_single_runs(pair):
     base = dict(prompt=PROMPT, width=W, height=H, steps=6, sampler="Euler a", denoising_strength=0.6)
     batch, _ = engine.img2img_tensor(make_picture(), stablekit.GenerationParams(**base, seed=50, batch_size=2))
     second, _ = engine.img2img_tensor(make_picture(), stablekit.GenerationParams(**base, seed=51))
-    torch.testing.assert_close(batch[1:], second, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch[1:], second, atol=1e-4, rtol=0)  # batched kernels sum in another order
 
 
 @pytest.mark.parametrize("mode", ["just-resize", "crop-and-resize", "resize-and-fill"])
@@ -134,6 +134,6 @@ def test_img2img_with_a_brownian_sampler_uses_a_tree_over_the_whole_schedule(tin
     base = dict(prompt=PROMPT, width=W, height=H, steps=6, sampler="DPM++ 2M SDE", denoising_strength=0.5)
     batch, _ = engine.img2img_tensor(make_picture(), stablekit.GenerationParams(**base, seed=60, batch_size=2))
     second, _ = engine.img2img_tensor(make_picture(), stablekit.GenerationParams(**base, seed=61))
-    torch.testing.assert_close(batch[1:], second, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch[1:], second, atol=1e-4, rtol=0)  # batched kernels sum in another order
     other, _ = engine.img2img_tensor(make_picture(), stablekit.GenerationParams(**base, seed=62))
     assert (other - second).abs().max() > 1e-3  # the seed reaches the noise
