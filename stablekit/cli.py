@@ -35,14 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("txt2img", help="generate pictures from a prompt")
-    _add_generation_args(t, size_default=DEFAULTS.width)
+    _add_generation_args(t, follows_picture=False)
     i2i = sub.add_parser("img2img", help="generate pictures from a picture and a prompt")
     i2i.add_argument("--image", "-i", required=True, type=Path, help="the starting picture")
     i2i.add_argument("--strength", "--denoising-strength", dest="strength", type=float,
                      default=DEFAULTS.denoising_strength, help="0 keeps the picture, 1 repaints it entirely")
     i2i.add_argument("--resize-mode", default=DEFAULTS.resize_mode, choices=RESIZE_MODES,
                      help="how a picture of another size is fitted to --width/--height")
-    _add_generation_args(i2i, size_default=None)
+    _add_generation_args(i2i, follows_picture=True)
     inp = sub.add_parser("inpaint", help="repaint the white (or transparent) part of a mask")
     inp.add_argument("--image", "-i", required=True, type=Path, help="the picture to edit")
     inp.add_argument("--mask", required=True, type=Path, help="white repaints, black keeps; or an RGBA picture's alpha")
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="masked: generate a box around the mask at full --width x --height and put it back")
     inp.add_argument("--padding", type=int, default=DEFAULTS.inpaint_padding, help="pixels around the mask's box")
     inp.add_argument("--soft", action="store_true", help="use the greyscale mask as per-pixel denoising strength")
-    _add_generation_args(inp, size_default=None)
+    _add_generation_args(inp, follows_picture=True)
 
     out = sub.add_parser("outpaint", help="extend the canvas and paint the new area")
     out.add_argument("--image", "-i", required=True, type=Path)
@@ -73,18 +73,24 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--strength", "--denoising-strength", dest="strength", type=float, default=1.0)
     out.add_argument("--mask-blur", type=float, default=DEFAULTS.mask_blur)
     out.add_argument("--masked-content", default="original", choices=MASKED_CONTENT)
-    _add_generation_args(out, size_default=None)
+    _add_generation_args(out, follows_picture=True)
 
     sub.add_parser("samplers", help="list samplers, their aliases and the schedules they accept")
 
     i = sub.add_parser("info", help="show what a checkpoint is")
     i.add_argument("model", help="checkpoint file, diffusers folder or hub repo id")
     _add_prediction_arg(i)
+
+    from .server.serve import add_serve_parser  # argparse only; FastAPI is imported when serving
+    add_serve_parser(sub)
+    from .train.command import add_train_parser  # argparse only; training code is imported when training
+    add_train_parser(sub)
     return parser
 
 
-def _add_generation_args(t: argparse.ArgumentParser, size_default: int | None) -> None:
-    t.add_argument("--model", "-m", required=True, help="checkpoint file, diffusers folder or hub repo id")
+def _add_generation_args(t: argparse.ArgumentParser, follows_picture: bool) -> None:
+    t.add_argument("--model", "-m", default=None,
+                   help="checkpoint file, diffusers folder or hub repo id (default: the built-in shapes demo model)")
     t.add_argument("--prompt", "-p", required=True)
     t.add_argument("--negative-prompt", "-n", default=DEFAULTS.negative_prompt)
     t.add_argument("--steps", type=int, default=DEFAULTS.steps)
@@ -92,9 +98,10 @@ def _add_generation_args(t: argparse.ArgumentParser, size_default: int | None) -
     t.add_argument("--sampler", default=DEFAULTS.sampler, help='e.g. "DPM++ 2M", "Euler a", ddim (see: stablekit samplers)')
     t.add_argument("--scheduler", default=DEFAULTS.scheduler, help="automatic, karras, ... (see: stablekit samplers)")
     t.add_argument("--seed", type=int, default=DEFAULTS.seed, help="-1 = random; image i uses seed + i")
-    follow = "" if size_default else " (default: the picture's, rounded to a multiple of 8)"
-    t.add_argument("--width", type=int, default=size_default, help="multiple of 8" + follow)
-    t.add_argument("--height", type=int, default=size_default, help="multiple of 8" + follow)
+    follow = (" (default: the picture's, rounded to a multiple of 8)" if follows_picture
+              else " (default: the model's resolution, 512 for SD 1.x, 64 for the demo model)")
+    t.add_argument("--width", type=int, default=None, help="multiple of 8" + follow)
+    t.add_argument("--height", type=int, default=None, help="multiple of 8" + follow)
     t.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     t.add_argument("--clip-skip", type=int, default=DEFAULTS.clip_skip)
     t.add_argument("--eta", type=float, default=None, help="noise of ancestral samplers and DDIM")
@@ -123,6 +130,10 @@ def _generate(args: argparse.Namespace, params: GenerationParams, run) -> int:
     from .images import save_png
 
     t0 = time.perf_counter()
+    if args.model is None:
+        from .demo import demo_model
+
+        args.model = demo_model()
     engine = load(args.model, dtype=args.dtype, device=args.device, prediction=args.prediction,
                   zero_terminal_snr=args.zero_terminal_snr)
     for note in engine.loaded.notes:
@@ -244,11 +255,24 @@ def _samplers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .train.command import run
+
+    return run(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server.serve import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"txt2img": _txt2img, "img2img": _img2img, "inpaint": _inpaint, "outpaint": _outpaint,
-                    "info": _info, "samplers": _samplers}
+                    "info": _info, "samplers": _samplers, "serve": _serve,
+                    "train": _train}
         return commands[args.command](args)
     except (CheckpointError, ValueError, OSError) as e:  # bad input, unreadable or unwritable files
         print(f"stablekit: error: {e}", file=sys.stderr)

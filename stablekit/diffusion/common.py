@@ -29,6 +29,11 @@ def randn_like(x: torch.Tensor, generator: list[torch.Generator] | None) -> torc
     return torch.stack(noise).to(device=x.device, dtype=x.dtype)
 
 
+class SamplingStopped(Exception):
+    """Raised by a callback to end sampling early: the pipeline then uses the last x0 estimate,
+    as the web UI's "interrupt" and "skip" do (the server's way to stop between steps)."""
+
+
 def report(callback: Callback | None, i: int, n: int, denoised: torch.Tensor) -> None:
     if callback is not None:
         callback(i, n, denoised)

@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..diffusion.denoiser import Denoise
+from ..diffusion.common import SamplingStopped
 from ..diffusion.samplers import Callback, SamplerSpec
 from ..models import StableDiffusionModel
 from ..models.tokenizer import CLIPTokenizer
@@ -51,14 +52,27 @@ def denoise(
     seeds), of which the sampler gets those its spec names.
 
     Returns the variance-preserving latent at the last sigma (x / sqrt(1 + sigma^2)), which is
-    the clean latent when the schedule ends at zero and DDIM's x at t=0 otherwise.
+    the clean latent when the schedule ends at zero and DDIM's x at t=0 otherwise. A callback that
+    raises SamplingStopped ends sampling there and the last x0 estimate is returned instead.
     """
     if start is None:
         x = noise * spec.initial_noise_scale(float(sigmas[0]))
     else:  # a picture's latent noised to sigmas[0]: x = x0 + sigma * noise for every sampler
         x = start + noise * float(sigmas[0])
     given = {name: (inputs or {})[name] for name in spec.inputs}
-    x = spec.fn(denoiser, x, sigmas, generator=generators, callback=callback, **(options or {}), **given)
+    last: list[torch.Tensor] = []
+
+    def watch(i: int, n: int, x0: torch.Tensor) -> None:
+        last[:] = [x0]  # kept first, so a callback that stops sampling leaves an estimate behind
+        if callback is not None:
+            callback(i, n, x0)
+
+    try:
+        x = spec.fn(denoiser, x, sigmas, generator=generators, callback=watch, **(options or {}), **given)
+    except SamplingStopped:
+        if not last:
+            raise
+        return last[0].float()  # the clean-latent estimate of the step the callback stopped at
     return x / math.sqrt(1 + float(sigmas[-1]) ** 2)
 
 

@@ -1,0 +1,42 @@
+"""Server settings: one frozen dataclass, filled by `stablekit serve` or by tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; anything more is refused with a 4xx before any work is done."""
+
+    max_pixels: int = 1024 * 1024  # width * height of one generated picture
+    max_steps: int = 150
+    max_batch: int = 8  # pictures per request: batch_size * n_iter
+    queue_size: int = 16  # jobs waiting behind the running one; more get 503 with Retry-After
+    max_upload_bytes: int = 32 * 1024 * 1024  # request body, checked while it is read
+    max_input_pixels: int = 4096 * 4096  # decoded size of an uploaded picture, checked from its header
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str  # the checkpoint loaded at start (file, diffusers folder or hub id)
+    models_dir: Path | None = None  # checkpoints a client may switch to
+    outputs: Path = Path("outputs")  # saved pictures, one folder per job
+    db: Path | None = None  # job records; default: <outputs>/jobs.sqlite3
+    limits: Limits = field(default_factory=Limits)
+    basic_auth: tuple[tuple[str, str], ...] = ()  # --api-auth user:pass,...
+    token: str | None = None  # --token: "Authorization: Bearer <token>"
+    cors_origins: tuple[str, ...] = ()  # CORS is off unless origins are named
+    allow_url_images: bool = False  # init images given as http(s) URLs are fetched only when set
+    dtype: str = "fp32"
+    device: str | None = None
+    prediction: str | None = None
+
+    @property
+    def db_path(self) -> Path:
+        return self.db or self.outputs / "jobs.sqlite3"
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.basic_auth or self.token)

@@ -1,0 +1,71 @@
+"""`stablekit serve`: its command-line options and the uvicorn launch."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .config import Limits, ServerConfig
+
+DEFAULT_LIMITS = Limits()
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    s = sub.add_parser("serve", help="serve the web UI's /sdapi/v1 API and a job API over HTTP")
+    s.add_argument("--model", "-m", required=True, help="checkpoint loaded at start (file, diffusers folder, hub id)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--models-dir", type=Path, help="checkpoints clients may switch between")
+    s.add_argument("--outputs", type=Path, default=Path("outputs"), help="saved pictures, one folder per job")
+    s.add_argument("--db", type=Path, help="job records (SQLite); default OUTPUTS/jobs.sqlite3")
+    s.add_argument("--max-pixels", type=int, default=DEFAULT_LIMITS.max_pixels, help="width x height per picture")
+    s.add_argument("--max-steps", type=int, default=DEFAULT_LIMITS.max_steps)
+    s.add_argument("--max-batch", type=int, default=DEFAULT_LIMITS.max_batch, help="pictures per request")
+    s.add_argument("--queue-size", type=int, default=DEFAULT_LIMITS.queue_size, help="jobs waiting; more get 503")
+    s.add_argument("--max-upload-mb", type=float, default=DEFAULT_LIMITS.max_upload_bytes / 2**20)
+    s.add_argument("--api-auth", help="HTTP Basic credentials user:pass[,user2:pass2], as the web UI's flag")
+    s.add_argument("--token", help="bearer token (Authorization: Bearer TOKEN)")
+    s.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without authentication")
+    s.add_argument("--cors-origins", default="", help="comma-separated origins allowed by CORS (default: none)")
+    s.add_argument("--allow-url-images", action="store_true",
+                   help="fetch init images given as http(s) URLs (never from local or private addresses)")
+    s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    s.add_argument("--device", default="auto")
+    s.add_argument("--prediction", choices=["eps", "v"])
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return s
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    from .security import parse_basic_auth
+
+    limits = Limits(max_pixels=args.max_pixels, max_steps=args.max_steps, max_batch=args.max_batch,
+                    queue_size=args.queue_size, max_upload_bytes=int(args.max_upload_mb * 2**20))
+    for name in ("max_pixels", "max_steps", "max_batch", "queue_size", "max_upload_bytes"):
+        if getattr(limits, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.token is not None and len(args.token) < 8:
+        raise ValueError("--token must be at least 8 characters")
+    return ServerConfig(
+        model=args.model, models_dir=args.models_dir, outputs=args.outputs, db=args.db, limits=limits,
+        basic_auth=parse_basic_auth(args.api_auth), token=args.token,
+        cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
+        allow_url_images=args.allow_url_images, dtype=args.dtype,
+        device=None if args.device == "auto" else args.device, prediction=args.prediction,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the settings, then serve until interrupted."""
+    import uvicorn
+
+    from .app import create_app
+    from .security import check_bind
+
+    config = config_from_args(args)
+    check_bind(args.host, config, args.insecure)
+    if args.models_dir is not None and not args.models_dir.is_dir():
+        raise ValueError(f"--models-dir {args.models_dir} is not a folder")
+    app = create_app(config)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
