@@ -59,10 +59,10 @@ class ProcessingFields(_Request):
     # added by the API layer
     sampler_index: str | None = "Euler"
     script_name: str | None = None
-    script_args: list[Any] | None = Field(default_factory=list)
+    script_args: list[Any] | None = []  # pydantic copies mutable defaults per request
     send_images: bool | None = True
     save_images: bool | None = False
-    alwayson_scripts: dict[str, Any] | None = Field(default_factory=dict)
+    alwayson_scripts: dict[str, Any] | None = {}
     infotext: str | None = None
 
 
