@@ -166,8 +166,8 @@ def test_skip_ends_the_current_batch_only(client, engine):
     run.join(timeout=300)
     images = [np.asarray(from_b64(i)) for i in out["r"].json()["images"]]
     assert len(images) == 2
-    first, second = engine.txt2img(prompt="p", width=64, height=64, steps=40, seed=30, sampler="Euler",
-                                   batch_size=2)  # seeds 30 and 31, as n_iter 2 x batch 1
+    first, second = (engine.txt2img(prompt="p", width=64, height=64, steps=40, seed=s, sampler="Euler")[0]
+                     for s in (30, 31))  # n_iter 2 x batch 1: seeds 30 and 31
     assert not np.array_equal(images[0], np.asarray(first))  # the first batch stopped early ...
     assert np.array_equal(images[1], np.asarray(second))  # ... the next one ran in full
 
