@@ -76,15 +76,15 @@ class Server:
         return {"Authorization": f"Basic {token}"}
 
     def request(self, method: str, path: str, body: dict | None = None, timeout: float = 300) -> tuple[int, dict, dict]:
-        """(status, JSON body, headers); HTTP errors are returned, not raised."""
+        """(status, JSON body, headers with lower-case names); HTTP errors are returned, not raised."""
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.url + path, data=data, method=method,
                                      headers={"Content-Type": "application/json", **self.headers()})
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.status, json.loads(r.read() or b"null"), dict(r.headers)
+                return r.status, json.loads(r.read() or b"null"), {k.lower(): v for k, v in r.headers.items()}
         except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"null"), dict(e.headers)
+            return e.code, json.loads(e.read() or b"null"), {k.lower(): v for k, v in e.headers.items()}
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + STARTUP_S
