@@ -230,3 +230,25 @@ def test_bad_input_gets_a_4xx_in_the_web_uis_error_shape(client, path, body, sta
 def test_malformed_json_is_a_422(client):
     r = client.post("/sdapi/v1/txt2img", content=b"{not json", headers={"Content-Type": "application/json"})
     assert_error(r, 422)
+
+
+def test_engine_refusals_are_400_and_inpainting_models_work(tiny_models, tmp_path):
+    config = ServerConfig(model=str(tiny_models["sd1-inpaint"].single_file), outputs=tmp_path)
+    with TestClient(create_app(config), raise_server_exceptions=False) as c:
+        error = assert_error(c.post("/sdapi/v1/txt2img", json=SMALL), 400)
+        assert "base model" in error["errors"]
+        r = c.post("/sdapi/v1/img2img", json={**SMALL, "init_images": [b64_png(picture())],
+                                              "mask": b64_png(centre_mask()), "denoising_strength": 1.0})
+        assert r.status_code == 200
+        info = json.loads(r.json()["info"])
+        assert info["is_using_inpainting_conditioning"] is True and "Conditional mask weight" in info["infotexts"][0]
+
+
+def test_openapi_docs_list_every_route(client):
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    for route in ("txt2img", "img2img", "progress", "interrupt", "skip", "sd-models", "samplers", "schedulers",
+                  "options", "png-info", "memory"):
+        assert f"/sdapi/v1/{route}" in paths
+    assert {"/api/v1/jobs", "/api/v1/jobs/{job_id}", "/api/v1/jobs/{job_id}/events",
+            "/api/v1/jobs/{job_id}/images/{index}"} <= set(paths)

@@ -133,9 +133,12 @@ def to_work(task: str, req: ProcessingFields, limits: Limits, allow_urls: bool, 
     if isinstance(req, Img2ImgRequest):
         if not req.init_images:
             raise ApiError(404, "Init image not found", name="NotFound")
+        if _v(req, "resize_mode") not in RESIZE_MODES:
+            raise ApiError(400, f"resize_mode must be 0 (just resize), 1 (crop and resize) or 2 (resize and fill), "
+                                f"got {req.resize_mode}")
         image = decode_picture(req.init_images[0], limits, allow_urls, "init_images[0]")
         fields.update(denoising_strength=float(_v(req, "denoising_strength")),
-                      resize_mode=RESIZE_MODES.get(_v(req, "resize_mode"), str(req.resize_mode)))
+                      resize_mode=RESIZE_MODES[_v(req, "resize_mode")])
         if req.mask:
             task = "inpaint"
             mask = binary_mask(decode_picture(req.mask, limits, allow_urls, "mask", mode=None))

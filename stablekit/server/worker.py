@@ -193,7 +193,9 @@ class LocalBackend:
         self.progress.skipped = self.progress.job_id is not None
 
     def _finish(self, rec: JobRecord, status: str, *, error: str | None = None, info: dict | None = None,
-                images: list[str] | None = None, pictures: list[Image.Image] | None = None) -> None:
+                images: list[str] | None = None, pictures: list[Image.Image] | None = None,
+                exc: Exception | None = None) -> None:
+        """Record the outcome and wake a waiting /sdapi request (`exc`: what it should answer with)."""
         self.store.update(rec.id, status=status, error=error, info=info, images=images or [], finished=time.time())
         self._work.pop(rec.id, None)
         future = self._futures.pop(rec.id, None)
@@ -202,8 +204,8 @@ class LocalBackend:
             if status == DONE:
                 future.set_result(JobResult(final, pictures or []))
             else:
-                future.set_exception(ApiError(409 if status == CANCELLED else 500, error or status,
-                                              name="JobCancelled" if status == CANCELLED else "JobFailed"))
+                future.set_exception(exc or ApiError(409 if status == CANCELLED else 500, error or status,
+                                                     name="JobCancelled" if status == CANCELLED else "JobFailed"))
 
     # --- the worker -----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -224,9 +226,9 @@ class LocalBackend:
             except JobCancelled:
                 with self._lock:
                     self._finish(rec, CANCELLED, error="cancelled while running")
-            except (ApiError, ValueError) as e:
+            except (ApiError, ValueError) as e:  # the request could not be done: a 4xx for its client
                 with self._lock:
-                    self._finish(rec, FAILED, error=str(e))
+                    self._finish(rec, FAILED, error=str(e), exc=e)
             except Exception as e:  # keep serving; the job says what went wrong in one line
                 log.exception("job %s failed", job_id)
                 with self._lock:
