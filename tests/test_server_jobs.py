@@ -166,3 +166,22 @@ def test_finished_jobs_survive_a_restart_and_unfinished_ones_are_rerun_or_failed
         assert lost["status"] == "failed" and "connection was lost" in lost["error"]
         crashed_twice = client.get(f"/api/v1/jobs/{'c' * 32}").json()
         assert crashed_twice["status"] == "failed" and "not retried" in crashed_twice["error"]
+
+
+def test_a_graceful_shutdown_puts_the_running_job_back(tiny_models, engine, tmp_path):
+    config = make_config(tiny_models, tmp_path / "out")
+    with TestClient(create_app(config, loader=lambda spec: engine), raise_server_exceptions=False) as client:
+        job_id = client.post("/api/v1/jobs", json={**JOB, "steps": 150}).json()["id"]
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            job = client.get(f"/api/v1/jobs/{job_id}").json()
+            if job["progress"] and job["progress"]["step"] > 0:
+                break
+            time.sleep(0.02)
+    store = JobStore(config.db_path)
+    left = store.get(job_id)
+    store.close()
+    assert left.status == "queued" and left.attempts == 0  # not counted as a crash, no partial result
+    with TestClient(create_app(config, loader=lambda spec: engine), raise_server_exceptions=False) as client:
+        job = wait_for(client, job_id)
+        assert job["status"] == "done" and job["attempts"] == 1

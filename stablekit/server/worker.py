@@ -36,6 +36,10 @@ class JobCancelled(Exception):
     """Raised from the step callback when the running job is cancelled: no result is kept."""
 
 
+class ServerStopping(Exception):
+    """Raised from the step callback on shutdown: the job goes back to the queue for the next start."""
+
+
 @dataclass
 class JobResult:
     record: JobRecord
@@ -57,6 +61,7 @@ class Progress:
     interrupted: bool = False
     skipped: bool = False
     cancelled: bool = False
+    stopping: bool = False  # the server shuts down: leave the job for the next start
     textinfo: str = ""
     timestamp: str = "0"
 
@@ -107,8 +112,9 @@ class LocalBackend:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop after the current step; the running job is put back as queued (a shutdown is not its fault)."""
         self._stop.set()
-        self.interrupt()
+        self.progress.stopping = True
         self._thread.join(timeout=10)
 
     # --- models ---------------------------------------------------------------------------------
@@ -145,10 +151,13 @@ class LocalBackend:
         stored = req.model_dump(exclude_unset=True)
         stored["seed"] = work.params.seed  # a re-run after a restart repeats the same pictures
         stored["override_settings"] = {**(req.override_settings or {}), "CLIP_stop_at_last_layers": work.params.clip_skip}
-        if isinstance(stored.get("init_images"), list) and stored["init_images"] and work.image is not None:
-            from .previews import png_base64  # a URL is fetched once; the stored copy is the picture itself
+        for key, picture in (("init_images", work.image), ("mask", work.mask)):
+            if key in stored and kind == "webui":
+                stored[key] = None  # never re-run (its client is gone after a restart): no need to keep it
+            elif key in stored and picture is not None:
+                from .previews import png_base64  # a URL is fetched once; the stored copy is the picture
 
-            stored["init_images"] = [png_base64(work.image)]
+                stored[key] = [png_base64(picture)] if key == "init_images" else png_base64(picture)
         rec = JobRecord(new_job_id(), kind, task, stored, persist=persist)
         future: Future[JobResult] = Future()
         with self._lock:
@@ -226,6 +235,12 @@ class LocalBackend:
             except JobCancelled:
                 with self._lock:
                     self._finish(rec, CANCELLED, error="cancelled while running")
+            except ServerStopping:
+                self.store.update(job_id, status=QUEUED, attempts=rec.attempts)
+                future = self._futures.pop(job_id, None)
+                if future is not None and not future.done():
+                    future.set_exception(ApiError(503, "the server is shutting down; the job will run after it "
+                                                       "restarts", headers={"Retry-After": "10"}))
             except (ApiError, ValueError) as e:  # the request could not be done: a 4xx for its client
                 with self._lock:
                     self._finish(rec, FAILED, error=str(e), exc=e)
@@ -239,6 +254,8 @@ class LocalBackend:
     def _callback(self, progress: Progress) -> Callable[[int, int, torch.Tensor], None]:
         def on_step(i: int, n: int, x0: torch.Tensor) -> None:
             progress.step, progress.steps, progress.latent = i + 1, n, x0[0].detach()
+            if progress.stopping:
+                raise ServerStopping()
             if progress.cancelled:
                 raise JobCancelled()
             if progress.interrupted or progress.skipped:
