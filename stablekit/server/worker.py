@@ -168,8 +168,9 @@ class LocalBackend:
             self._futures[rec.id], self._work[rec.id] = future, work
             try:
                 self.queue.put(rec.id)
-            except QueueFull:
+            except QueueFull:  # another backend's queue may fill up between the check and the put
                 self.store.update(rec.id, status=FAILED, error="queue full", finished=time.time())
+                self._futures.pop(rec.id, None), self._work.pop(rec.id, None)
                 raise ApiError(503, "the queue is full; retry later", headers={"Retry-After": "5"}) from None
         return rec, future
 
