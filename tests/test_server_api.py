@@ -252,3 +252,13 @@ def test_openapi_docs_list_every_route(client):
         assert f"/sdapi/v1/{route}" in paths
     assert {"/api/v1/jobs", "/api/v1/jobs/{job_id}", "/api/v1/jobs/{job_id}/events",
             "/api/v1/jobs/{job_id}/images/{index}"} <= set(paths)
+
+
+def test_serve_reports_a_bad_checkpoint_without_a_traceback(tmp_path, capsys):
+    from stablekit.cli import main
+
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    assert main(["serve", "--model", str(junk), "--outputs", str(tmp_path / "out"), "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "junk.safetensors" in err and "Traceback" not in err

@@ -21,8 +21,9 @@ log = logging.getLogger("stablekit.server")
 MAX_ECHOED_BODY = 2048  # a validation error echoes the request body only when it is this short
 
 
-class ApiError(Exception):
-    """A refusal with an HTTP status: 400 bad value, 401, 404 unknown thing, 409, 413, 503 busy, ..."""
+class ApiError(ValueError):
+    """A refusal with an HTTP status: 400 bad value, 401, 404 unknown thing, 409, 413, 503 busy, ...
+    (a ValueError, so the command line reports it as the bad input it is)."""
 
     def __init__(self, status: int, message: str, *, headers: dict[str, str] | None = None, name: str | None = None):
         super().__init__(message)

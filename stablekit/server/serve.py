@@ -67,5 +67,6 @@ def run(args: argparse.Namespace) -> int:
     if args.models_dir is not None and not args.models_dir.is_dir():
         raise ValueError(f"--models-dir {args.models_dir} is not a folder")
     app = create_app(config)
+    app.state.backend.start()  # load the model now: a bad checkpoint is a clear error, not a server that fails
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

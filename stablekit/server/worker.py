@@ -104,7 +104,9 @@ class LocalBackend:
 
     # --- life cycle -----------------------------------------------------------------------------
     def start(self) -> None:
-        """Load the start-up model, re-queue what a previous run left unfinished, start the worker."""
+        """Load the start-up model, re-queue what a previous run left unfinished, start the worker (once)."""
+        if self._thread.is_alive():
+            return
         self._load(self.options.checkpoint)
         for rec in self.store.recover():
             self.queue.put(rec.id, force=True)  # accepted before the restart: never refused now
