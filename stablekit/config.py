@@ -52,6 +52,7 @@ class UNetConfig:
     transformer_depth: int = 1
     context_dim: int = 768
     use_linear_in_transformer: bool = False  # SD 2: Linear proj_in/out instead of 1x1 conv
+    norm_groups: int = 32  # GroupNorm groups (diffusers' norm_num_groups); small models need fewer
 
     def heads_for(self, channels: int) -> int:
         if self.num_head_channels > 0:
@@ -72,6 +73,7 @@ class VAEConfig:
     num_res_blocks: int = 2
     z_channels: int = 4
     scale_factor: float = 0.18215
+    norm_groups: int = 32  # GroupNorm groups (diffusers' norm_num_groups)
 
     @property
     def downscale(self) -> int:
@@ -97,6 +99,8 @@ class ModelConfig:
     unet: UNetConfig
     vae: VAEConfig
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    resolution: int = 512  # the picture size it was trained at: the default width and height
+
 
     @property
     def name(self) -> str:

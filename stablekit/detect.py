@@ -42,6 +42,9 @@ class Hints:
     unet_num_head_channels: int | None = None
     vae_scale_factor: float | None = None
     text_layers: int | None = None  # computed blocks; SD 2 files carry one more
+    latent_size: int | None = None  # the training latent size (LDM image_size, diffusers sample_size)
+    unet_norm_groups: int | None = None  # GroupNorm groups, where not SD's 32 (diffusers' norm_num_groups)
+    vae_norm_groups: int | None = None
 
 
 def _count(sd: Mapping, pattern: str) -> int:
@@ -97,6 +100,7 @@ def detect_unet(sd: Mapping, hints: Hints) -> UNetConfig:
         transformer_depth=depth,
         context_dim=context_dim,
         use_linear_in_transformer=use_linear,
+        norm_groups=hints.unet_norm_groups or 32,
     )
 
 
@@ -109,7 +113,7 @@ def detect_vae(sd: Mapping, hints: Hints) -> VAEConfig:
     z = _shape(sd, VAE + "decoder.conv_in.weight")[1]
     out_ch = _shape(sd, VAE + "decoder.conv_out.weight")[0]
     scale = hints.vae_scale_factor if hints.vae_scale_factor is not None else VAEConfig.scale_factor
-    return VAEConfig(in_ch, out_ch, ch, mults, num_res, z, scale)
+    return VAEConfig(in_ch, out_ch, ch, mults, num_res, z, scale, hints.vae_norm_groups or 32)
 
 
 def detect_text(sd: Mapping, hints: Hints) -> TextEncoderConfig:

@@ -56,6 +56,11 @@ class Engine:
     def config(self) -> ModelConfig:
         return self.loaded.config
 
+    def complete(self, params: GenerationParams) -> GenerationParams:
+        """Validated params with the model's resolution where width or height is None, and a concrete seed."""
+        size = self.config.resolution
+        return replace(params, width=params.width or size, height=params.height or size).validated()
+
     def _infotext(self, p: GenerationParams, seed: int, extra: dict[str, object] | None = None) -> str:
         fields = {
             "Steps": p.steps,
@@ -78,7 +83,7 @@ class Engine:
         self, params: GenerationParams, *, noise: torch.Tensor | None = None, callback: Callback | None = None
     ) -> tuple[torch.Tensor, GenerationParams]:
         """Float pictures [B, 3, H, W] in [0, 1] and the validated params (with the concrete seed)."""
-        p = params.validated()
+        p = self.complete(params)
         return tasks.txt2img(self.context, p, noise=noise, callback=callback), p
 
     def txt2img(
@@ -95,7 +100,7 @@ class Engine:
         callback: Callback | None = None,
     ) -> tuple[torch.Tensor, GenerationParams]:
         """`image` fitted to the params' size with their resize mode, then img2img; see txt2img_tensor."""
-        p = params.validated()
+        p = self.complete(params)
         picture = to_tensor(fit_picture(image, p.width, p.height, p.resize_mode))
         return tasks.img2img(self.context, p, picture.to(self.device), noise=noise, callback=callback), p
 
@@ -115,7 +120,7 @@ class Engine:
 
         With inpaint_area "masked" the result has the picture's own size; otherwise width x height.
         """
-        p = params.validated()
+        p = self.complete(params)
         pictures = editing.inpaint_pictures(self.context, p, image, mask, noise=noise, callback=callback,
                                             resize_mask=resize_mask)
         return pictures, p

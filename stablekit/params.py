@@ -24,8 +24,8 @@ class GenerationParams:
     sampler: str = "DPM++ 2M"
     scheduler: str = "automatic"
     seed: int = -1  # -1: random
-    width: int = 512
-    height: int = 512
+    width: int | None = None  # None: the model's own resolution (512 for SD 1.x), filled in by the Engine
+    height: int | None = None
     batch_size: int = 1
     clip_skip: int = 1  # A1111 numbering: 1 = last layer
     eta: float | None = None  # ancestral/DDIM noise; None = the sampler's default
@@ -48,10 +48,14 @@ class GenerationParams:
         """Check every field; returns a copy with names canonicalised and a concrete seed."""
         for name in ("width", "height", "steps", "batch_size", "clip_skip", "seed"):
             v = getattr(self, name)
+            if v is None and name in ("width", "height"):
+                continue  # left to the engine: the model's resolution
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ValueError(f"{name} must be a whole number, got {v!r}")
         for name in ("width", "height"):
             v = getattr(self, name)
+            if v is None:
+                continue
             if v < 8 or v % 8:
                 raise ValueError(f"{name} must be a positive multiple of 8 (the latent is 1/8 of the picture), got {v}")
             if v > 8192:

@@ -95,6 +95,8 @@ def open_checkpoint(
     if prediction is not None:
         hints = replace(hints, prediction=prediction, prediction_source="--prediction")
     cfg = replace(detect(shapes_of(sd), hints), schedule=schedule)
+    if hints.latent_size:
+        cfg = replace(cfg, resolution=hints.latent_size * cfg.vae.downscale)
     source = hints.prediction_source or "default; weights cannot tell, use --prediction v or a .yaml for v-models"
     notes.append(f"prediction: {cfg.prediction} ({source})")
     if zero_terminal_snr is not None:

@@ -30,6 +30,7 @@ def yaml_hints(path: Path) -> tuple[Hints, list[str]]:
     except Exception as e:
         raise CheckpointError(f"{sidecar.name}: not an LDM model config ({e})") from None
     unet = (params.get("unet_config") or {}).get("params", {})
+    ddconfig = ((params.get("first_stage_config") or {}).get("params") or {}).get("ddconfig") or {}
     pred = params.get("parameterization")
     hints = Hints(
         prediction={"v": "v", "eps": "eps"}.get(pred) if pred else None,
@@ -37,10 +38,18 @@ def yaml_hints(path: Path) -> tuple[Hints, list[str]]:
         unet_num_heads=unet.get("num_heads") if unet.get("num_heads", -1) > 0 else None,
         unet_num_head_channels=unet.get("num_head_channels") if unet.get("num_head_channels", -1) > 0 else None,
         vae_scale_factor=params.get("scale_factor"),
+        latent_size=_positive_int(params.get("image_size")),  # LatentDiffusion's, not the unused UNet one
+        # Not LDM keys: diffusers' name, for small models whose GroupNorms are not SD's 32 groups.
+        unet_norm_groups=_positive_int(unet.get("norm_num_groups")),
+        vae_norm_groups=_positive_int(ddconfig.get("norm_num_groups")),
     )
     if pred and hints.prediction is None:
         raise CheckpointError(f"{sidecar.name}: unknown parameterization '{pred}' (expected eps or v)")
     return hints, [f"config: {sidecar.name}"]
+
+
+def _positive_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _json(path: Path) -> dict:
@@ -107,6 +116,9 @@ def read_diffusers_folder(folder: Path) -> tuple[Mapping[str, torch.Tensor], Hin
         prediction_source="scheduler/scheduler_config.json" if pred else None,
         vae_scale_factor=vae_conf.get("scaling_factor"),
         text_layers=text_conf.get("num_hidden_layers"),
+        latent_size=_positive_int(unet_conf.get("sample_size")),
+        unet_norm_groups=_positive_int(unet_conf.get("norm_num_groups")),
+        vae_norm_groups=_positive_int(vae_conf.get("norm_num_groups")),
         **_unet_head_hints(unet_conf),
     )
     if sched_conf.get("prediction_type") and pred is None:

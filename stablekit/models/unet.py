@@ -30,6 +30,19 @@ def normalization(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
     return GroupNorm32(32, channels, eps=eps)
 
 
+def set_norm_groups(module: nn.Module, groups: int) -> None:
+    """Give every GroupNorm in `module` `groups` groups (SD uses 32 everywhere; the count has no weights).
+
+    Why: with 32 groups a 32- or 64-channel layer normalises each channel on its own, which erases
+    a flat picture's colour; small models keep several channels per group instead.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.GroupNorm):
+            if m.num_channels % groups:
+                raise ValueError(f"{m.num_channels} channels do not split into {groups} norm groups")
+            m.num_groups = groups
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding [B, dim] of (possibly fractional) timesteps, cos half first."""
     half = dim // 2
@@ -227,6 +240,8 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        if cfg.norm_groups != 32:
+            set_norm_groups(self, cfg.norm_groups)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x [B, in_ch, h, w], t [B] (float timesteps), context [B, 77, C] -> [B, out_ch, h, w]."""

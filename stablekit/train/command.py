@@ -1,0 +1,63 @@
+"""`stablekit train ...`: the demo model from scratch, or fine-tuning a checkpoint on a picture folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train", help="train the shapes demo model, or fine-tune a checkpoint")
+    stages = t.add_subparsers(dest="train_command", required=True)
+
+    demo = stages.add_parser("demo", help="train the shapes demo model from scratch (about an hour on 2 CPU cores)")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"),
+                      help="run folder: states (resumable), loss logs, sample grids, the exported checkpoint")
+    demo.add_argument("--vae-steps", type=int, default=None, help="optimiser steps of the VAE stage")
+    demo.add_argument("--steps", type=int, default=None, help="optimiser steps of the diffusion stage")
+    demo.add_argument("--pool", type=int, default=None, help="training pictures encoded for the diffusion stage")
+    demo.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+
+    ft = stages.add_parser("finetune", help="fine-tune a checkpoint's UNet on pictures with .txt captions")
+    ft.add_argument("--model", "-m", required=True, help="checkpoint file, diffusers folder or hub repo id")
+    ft.add_argument("--data", type=Path, required=True,
+                    help="folder of pictures, each with a same-name .txt caption (a.png + a.txt)")
+    ft.add_argument("--out", type=Path, required=True, help="run folder; the result is OUT/finetuned.safetensors")
+    ft.add_argument("--steps", type=int, default=1000)
+    ft.add_argument("--batch-size", type=int, default=1)
+    ft.add_argument("--lr", type=float, default=1e-5)
+    ft.add_argument("--size", type=int, default=None, help="training picture size (default: the model's resolution)")
+    ft.add_argument("--train-text-encoder", action="store_true")
+    ft.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    ft.add_argument("--prediction", choices=["eps", "v"], help="override the prediction type (weights cannot tell)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    if args.train_command == "demo":
+        from ..demo.recipe import Recipe, train_demo
+
+        recipe = Recipe()
+        if args.vae_steps:
+            recipe = replace(recipe, vae=replace(recipe.vae, steps=args.vae_steps))
+        if args.steps:
+            recipe = replace(recipe, diffusion=replace(recipe.diffusion, steps=args.steps))
+        if args.pool:
+            recipe = replace(recipe, pool=args.pool)
+        path = train_demo(args.out, recipe)
+    else:
+        from .finetune import finetune
+
+        path = finetune(args.model, args.data, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                        size=args.size, train_text_encoder=args.train_text_encoder, device=args.device,
+                        prediction=args.prediction)
+    if path is None:
+        print(f"stablekit: stopped early; run the same command again to resume from {args.out}", file=sys.stderr)
+        return 0
+    print(path)
+    return 0
