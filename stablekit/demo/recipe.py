@@ -48,11 +48,11 @@ PREVIEW_PROMPTS = [
 
 @dataclass(frozen=True)
 class Recipe:
-    vae: StageConfig = StageConfig(steps=2000, batch_size=48, lr=1e-3, sample_every=250, seed=1)
+    vae: StageConfig = StageConfig(steps=1500, batch_size=48, lr=1e-3, sample_every=250, seed=1)
     vae_crop_until: float = 0.8  # 32x32 crops (4x cheaper) until this fraction of the steps, then whole pictures
     kl_weight: float = 1e-4
     pool: int = 30_000  # training pictures, encoded once
-    diffusion: StageConfig = StageConfig(steps=4000, batch_size=64, lr=5e-4, warmup=200, ema=0.999,
+    diffusion: StageConfig = StageConfig(steps=3500, batch_size=64, lr=5e-4, warmup=200, ema=0.999,
                                          sample_every=500, seed=2)
     caption_dropout: float = 0.1
     offset_noise: float = 0.1
