@@ -18,7 +18,7 @@ from .server_support import Server
 pytest.importorskip("fastapi")
 
 JOB = {"prompt": "a lamp", "width": 64, "height": 64, "seed": 3, "sampler_name": "Euler"}
-WAIT_S = 300
+WAIT_S = 600  # a bound for a busy machine, not a speed requirement
 
 
 def wait_status(server: Server, job_id: str, statuses: tuple[str, ...]) -> dict:
@@ -44,7 +44,7 @@ def test_kill_during_a_job_and_restart(tiny_models, tmp_path):
         _, finished, _ = server.request("POST", "/api/v1/jobs", {**JOB, "steps": 3})
         finished = wait_status(server, finished["id"], ("done",))
         png = download(server, finished["images"][0])
-        _, long_job, _ = server.request("POST", "/api/v1/jobs", {**JOB, "steps": 150, "seed": 5})
+        _, long_job, _ = server.request("POST", "/api/v1/jobs", {**JOB, "steps": 60, "seed": 5})
         _, queued_job, _ = server.request("POST", "/api/v1/jobs", {**JOB, "steps": 3, "seed": 6})
         webui = threading.Thread(target=lambda: _swallow(server.request, "POST", "/sdapi/v1/txt2img",
                                                          {**JOB, "steps": 3}, timeout=WAIT_S))
