@@ -232,6 +232,7 @@ def _info(args: argparse.Namespace) -> int:
         ("text encoder", f"{cfg.text.layout}, {cfg.text.layers} layers, width {cfg.text.width}: {count(model.text_encoder)}"),
         ("unet", f"{cfg.unet.in_channels} input channels, context {cfg.unet.context_dim}: {count(model.unet)}"),
         ("vae", f"{cfg.vae.z_channels}-channel latent, scale {cfg.vae.scale_factor:g}: {count(model.vae)}"),
+        ("resolution", f"{cfg.resolution}x{cfg.resolution} (the default picture size)"),
     ]
     for key, value in rows:
         print(f"{key:14} {value}")
