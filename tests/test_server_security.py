@@ -46,13 +46,13 @@ def basic(user: str, password: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def authed(tiny_models, engine, tmp_path_factory):
-    with client_for(tiny_models, engine, tmp_path_factory.mktemp("auth"), basic_auth=(("ann", "pw1"), ("bob", "pw2")),
+    with client_for(tiny_models, engine, tmp_path_factory.mktemp("auth"), basic_auth=(("user1", "pw1"), ("user2", "pw2")),
                     token=TOKEN) as c:
         yield c
 
 
 @pytest.mark.parametrize("headers", [
-    {}, basic("ann", "wrong"), basic("bob", "pw1"), basic("eve", "pw1"), {"Authorization": "Bearer nope"},
+    {}, basic("user1", "wrong"), basic("user2", "pw1"), basic("intruder", "pw1"), {"Authorization": "Bearer nope"},
     {"Authorization": "Basic !!!not-base64"}, {"Authorization": f"Token {TOKEN}"}, {"Authorization": "Basic"},
 ])
 def test_missing_or_wrong_credentials_get_401(authed, headers):
@@ -64,7 +64,7 @@ def test_missing_or_wrong_credentials_get_401(authed, headers):
         assert set(r.json()) == {"error", "detail", "body", "errors"} and "WWW-Authenticate" in r.headers
 
 
-@pytest.mark.parametrize("headers", [basic("ann", "pw1"), basic("bob", "pw2"), {"Authorization": f"Bearer {TOKEN}"}])
+@pytest.mark.parametrize("headers", [basic("user1", "pw1"), basic("user2", "pw2"), {"Authorization": f"Bearer {TOKEN}"}])
 def test_right_credentials_get_in(authed, headers):
     assert authed.get("/sdapi/v1/options", headers=headers).status_code == 200
     assert authed.post("/sdapi/v1/txt2img", json=SMALL, headers=headers).status_code == 200

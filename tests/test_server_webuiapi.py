@@ -20,7 +20,7 @@ from .server_support import Server, centre_mask, picture
 
 webuiapi = pytest.importorskip("webuiapi")
 
-USER, PASSWORD = "alice", "s3cret-pass"
+USER, PASSWORD = "apiuser", "s3cret-pass"
 SIZE = 64
 
 
