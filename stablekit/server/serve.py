@@ -12,7 +12,8 @@ DEFAULT_LIMITS = Limits()
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve the web UI's /sdapi/v1 API and a job API over HTTP")
-    s.add_argument("--model", "-m", required=True, help="checkpoint loaded at start (file, diffusers folder, hub id)")
+    s.add_argument("--model", "-m", default=None,
+                   help="checkpoint loaded at start (file, diffusers folder, hub id; default: the shapes demo model)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=7860)
     s.add_argument("--models-dir", type=Path, help="checkpoints clients may switch between")
@@ -46,6 +47,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if args.token is not None and len(args.token) < 8:
         raise ValueError("--token must be at least 8 characters")
+    if args.model is None:
+        from ..demo import demo_model
+
+        args.model = str(demo_model())
     return ServerConfig(
         model=args.model, models_dir=args.models_dir, outputs=args.outputs, db=args.db, limits=limits,
         basic_auth=parse_basic_auth(args.api_auth), token=args.token,
