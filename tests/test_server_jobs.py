@@ -115,15 +115,20 @@ def test_queue_is_fifo_bounded_and_cancellable(app_client):
     assert client.delete(f"/api/v1/jobs/{first}").status_code == 409
 
 
-def test_cancel_a_running_job(app_client):
-    app, client = app_client
-    job_id = client.post("/api/v1/jobs", json={**JOB, "steps": 150}).json()["id"]
+def wait_until_sampling(client, job_id: str) -> None:
+    """Poll until the job has taken its first sampling step (or WAIT_S passes)."""
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         job = client.get(f"/api/v1/jobs/{job_id}").json()
         if job["progress"] and job["progress"]["step"] > 0:
-            break
+            return
         time.sleep(0.02)
+
+
+def test_cancel_a_running_job(app_client):
+    app, client = app_client
+    job_id = client.post("/api/v1/jobs", json={**JOB, "steps": 150}).json()["id"]
+    wait_until_sampling(client, job_id)
     client.delete(f"/api/v1/jobs/{job_id}")
     job = wait_for(client, job_id)
     assert job["status"] == "cancelled" and job["images"] == []
@@ -172,12 +177,7 @@ def test_a_graceful_shutdown_puts_the_running_job_back(tiny_models, engine, tmp_
     config = make_config(tiny_models, tmp_path / "out")
     with TestClient(create_app(config, loader=lambda spec: engine), raise_server_exceptions=False) as client:
         job_id = client.post("/api/v1/jobs", json={**JOB, "steps": 150}).json()["id"]
-        deadline = time.monotonic() + WAIT_S
-        while time.monotonic() < deadline:
-            job = client.get(f"/api/v1/jobs/{job_id}").json()
-            if job["progress"] and job["progress"]["step"] > 0:
-                break
-            time.sleep(0.02)
+        wait_until_sampling(client, job_id)
     store = JobStore(config.db_path)
     left = store.get(job_id)
     store.close()
