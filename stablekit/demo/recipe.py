@@ -72,7 +72,7 @@ def _pictures(scenes) -> torch.Tensor:
 @torch.no_grad()
 def init_weights(model: StableDiffusionModel, seed: int) -> None:
     """Default PyTorch init, CLIP's small embeddings, and zeroed last layers of residual branches (LDM)."""
-    torch.manual_seed(seed)  # the one place the global RNG is used: module construction before this call
+    torch.manual_seed(seed)  # called inside train_demo's fork_rng: the caller's global RNG is left alone
     tm = model.text_encoder.transformer.text_model
     tm.embeddings.token_embedding.weight.normal_(0, 0.02)
     tm.embeddings.position_embedding.weight.normal_(0, 0.01)
@@ -91,9 +91,10 @@ def train_demo(out: Path, recipe: Recipe = Recipe()) -> Path | None:
     Returns None when a stage's `stop_after` ended the run early: run again to resume.
     """
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(recipe.seed)
-    model = StableDiffusionModel(DEMO_CONFIG)
-    init_weights(model, recipe.seed)
+    with torch.random.fork_rng():  # PyTorch's module init draws from the global RNG; seed it, then restore it
+        torch.manual_seed(recipe.seed)
+        model = StableDiffusionModel(DEMO_CONFIG)
+        init_weights(model, recipe.seed)
     vae_file = out / "vae.safetensors"
     if vae_file.exists():
         from safetensors.torch import load_file
