@@ -128,3 +128,19 @@ def test_inpainting_puts_the_asked_colour_in_the_mask_only(engine):
     # A small square in a 28x32 box covers about a tenth of it; a picture with no green shape has none.
     assert np.mean([g >= 0.05 for g in shares["green"]]) >= 0.8
     assert np.mean(shares["yellow"]) < 0.2 * np.mean(shares["green"])
+
+
+def test_the_analyser_reads_rendered_scenes_right():
+    """The analyser is the judge of the tests above: on drawn scenes it must name what was drawn."""
+    from stablekit.demo.shapes import random_scene
+
+    rng = random.Random(5)
+    for _ in range(200):
+        scene = random_scene(rng)
+        found = describe(render(scene))
+        assert found.background == scene.background
+        assert found.foreground in {s.colour for s in scene.shapes}
+    single = Scene("grey", (Shape("red", "square", "medium", "top left corner"),))
+    centre = describe(render(single)).centre
+    assert abs(centre[0] - 0.25) < 0.08 and abs(centre[1] - 0.25) < 0.08
+    assert describe(Image.new("RGB", (64, 64), (128, 128, 128))).foreground is None

@@ -92,3 +92,12 @@ def test_finetune_bad_data_is_a_clear_error(tiny_models, tmp_path, capsys, probl
     expected = {"missing-folder": "not a folder", "no-caption": "p1.png has no caption file p1.txt",
                 "empty": "no pictures"}[problem]
     assert expected in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args", [["demo", "--steps", "0"], ["demo", "--pool", "-5"],
+                                  ["finetune", "--model", "m", "--data", "d", "--out", "o", "--lr", "0"],
+                                  ["finetune", "--model", "m", "--data", "d", "--out", "o", "--batch-size", "0"]])
+def test_train_rejects_out_of_range_numbers(args, tmp_path, capsys):
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert "must be" in err and "Traceback" not in err

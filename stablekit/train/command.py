@@ -37,6 +37,12 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    for name in ("vae_steps", "steps", "pool", "threads", "batch_size", "size"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if getattr(args, "lr", 1.0) <= 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     if args.train_command == "demo":
