@@ -23,7 +23,7 @@ from ..models import StableDiffusionModel
 from ..train.common import StageConfig
 from ..train.latent import train_latent_diffusion
 from ..train.vae import train_vae
-from .shapes import caption, random_scene, render
+from .shapes import Scene, caption, random_scene, render
 
 SIZE = 64  # pictures are 64x64, latents 8x8
 
@@ -117,9 +117,9 @@ def train_demo(out: Path, recipe: Recipe = Recipe()) -> Path | None:
         save_file({k: v.contiguous() for k, v in model.vae.state_dict().items()}, str(vae_file))
     model.vae.requires_grad_(False).eval()
 
-    latents, scale = encode_pool(model, recipe, out / "pool.pt")
-    print(f"stablekit: latent scale factor {scale:.5f}", flush=True)
     scenes = [scene_for(recipe.seed, i) for i in range(recipe.pool)]
+    latents, scale = encode_pool(model, scenes, out / "pool.pt")
+    print(f"stablekit: latent scale factor {scale:.5f}", flush=True)
 
     def diffusion_batches(step: int) -> tuple[torch.Tensor, list[str]]:
         rng = random.Random(recipe.seed * 104_729 + step)
@@ -136,15 +136,12 @@ def train_demo(out: Path, recipe: Recipe = Recipe()) -> Path | None:
 
 
 @torch.no_grad()
-def encode_pool(model: StableDiffusionModel, recipe: Recipe, path: Path) -> tuple[torch.Tensor, float]:
+def encode_pool(model: StableDiffusionModel, scenes: list[Scene], path: Path) -> tuple[torch.Tensor, float]:
     """Unscaled latent means [N, 4, 8, 8] of the training pool (cached), and the scale giving unit std."""
     if path.exists():
         saved = torch.load(path, weights_only=True)
         return saved["latents"], float(saved["scale"])
-    chunks = []
-    for start in range(0, recipe.pool, 250):
-        scenes = [scene_for(recipe.seed, i) for i in range(start, min(recipe.pool, start + 250))]
-        chunks.append(model.vae.encode(_pictures(scenes))[0])
+    chunks = [model.vae.encode(_pictures(scenes[i:i + 250]))[0] for i in range(0, len(scenes), 250)]
     latents = torch.cat(chunks)
     scale = float(1 / latents.std())
     torch.save({"latents": latents, "scale": torch.tensor(scale)}, path)

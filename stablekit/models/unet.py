@@ -240,8 +240,7 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
-        if cfg.norm_groups != 32:
-            set_norm_groups(self, cfg.norm_groups)
+        set_norm_groups(self, cfg.norm_groups)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x [B, in_ch, h, w], t [B] (float timesteps), context [B, 77, C] -> [B, out_ch, h, w]."""

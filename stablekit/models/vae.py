@@ -155,8 +155,7 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
         self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
-        if cfg.norm_groups != 32:
-            set_norm_groups(self, cfg.norm_groups)
+        set_norm_groups(self, cfg.norm_groups)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """picture [B,3,H,W] in [-1,1] -> (mean, logvar), each [B, z, H/8, W/8] (unscaled)."""

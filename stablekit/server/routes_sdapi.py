@@ -15,10 +15,10 @@ from fastapi import APIRouter, Body, Depends
 
 from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedule import SCHEDULE_LABELS
+from ..images import parse_infotext
 from .api_models import (GenerationResponse, Img2ImgRequest, PNGInfoRequest, PNGInfoResponse, ProgressResponse,
                          ProgressState, SamplerItem, SchedulerItem, SDModelItem, Txt2ImgRequest)
 from .errors import ApiError
-from .infotext import parse_infotext
 from .previews import latent_preview, png_base64
 from .uploads import decode_picture
 from .webui import echo

@@ -26,11 +26,11 @@ from typing import Any
 from PIL import Image
 
 from ..diffusion.samplers import find_sampler
+from ..images import parse_infotext
 from ..params import MAX_SEED, GenerationParams
 from .api_models import Img2ImgRequest, ProcessingFields, Txt2ImgRequest
 from .config import Limits
 from .errors import ApiError
-from .infotext import parse_infotext
 from .uploads import decode_picture
 
 RESIZE_MODES = {0: "just-resize", 1: "crop-and-resize", 2: "resize-and-fill"}

@@ -51,14 +51,19 @@ def finetune(model: str | Path, data: Path, out: Path, *, steps: int, batch_size
         raise ValueError(f"--size must be a multiple of 8, got {size}")
     vae = sd_model.vae
 
+    latents: dict[Path, torch.Tensor] = {}  # each picture is read and encoded once: the fit is deterministic
+
     @torch.no_grad()
+    def latent_of(path: Path) -> torch.Tensor:
+        if path not in latents:
+            picture = to_tensor(fit_picture(load_picture(path), size, size, "crop-and-resize")).to(dev)
+            latents[path] = vae.encode(picture * 2 - 1)[0] * vae.cfg.scale_factor  # [1, 4, size/8, size/8]
+        return latents[path]
+
     def batches(step: int) -> tuple[torch.Tensor, list[str]]:
         rng = random.Random(seed * 1_000_003 + step)
         chosen = [rng.choice(pairs) for _ in range(batch_size)]
-        pictures = torch.cat([to_tensor(fit_picture(load_picture(p), size, size, "crop-and-resize"))
-                              for p, _ in chosen]).to(dev)
-        latents = vae.encode(pictures * 2 - 1)[0] * vae.cfg.scale_factor
-        return latents, [c for _, c in chosen]
+        return torch.cat([latent_of(p) for p, _ in chosen]), [c for _, c in chosen]
 
     stage = StageConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=min(100, steps // 10 + 1),
                         weight_decay=1e-2, sample_every=max(steps // 4, 1), seed=seed)

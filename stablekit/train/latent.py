@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import random
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -103,19 +104,16 @@ def train_latent_diffusion(
     return done
 
 
-class _averaged:
-    """Context: the EMA weights are live inside it."""
-
-    def __init__(self, ema: EMA | None):
-        self.ema = ema
-
-    def __enter__(self) -> None:
-        if self.ema:
-            self.ema.swap()
-
-    def __exit__(self, *exc) -> None:
-        if self.ema:
-            self.ema.swap()
+@contextmanager
+def _averaged(ema: EMA | None) -> Iterator[None]:
+    """The EMA weights are live inside this context."""
+    if ema:
+        ema.swap()
+    try:
+        yield
+    finally:
+        if ema:
+            ema.swap()
 
 
 @torch.no_grad()
