@@ -55,7 +55,7 @@ class Server:
     """`python -m stablekit.cli serve ...` on 127.0.0.1 and a free port; killed by `kill()` or `stop()`."""
 
     def __init__(self, model: Path, tmp: Path, *extra: str, port: int | None = None,
-                 auth: tuple[str, str] | None = None):
+                 auth: tuple[str, str] | None = None, env: dict[str, str] | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.auth = auth
@@ -64,7 +64,7 @@ class Server:
                 "--port", str(self.port), "--outputs", str(tmp / "outputs"), "--log-level", "warning", *extra]
         if auth:
             args += ["--api-auth", f"{auth[0]}:{auth[1]}"]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self._log_file = open(self.log, "w")
         self.proc = subprocess.Popen(args, stdout=self._log_file, stderr=subprocess.STDOUT, env=env)
         self._wait_ready()

@@ -102,6 +102,8 @@ class Img2ImgRequest(ProcessingFields):
     initial_noise_multiplier: float | None = None
     latent_mask: str | None = None
     include_init_images: bool | None = False
+    # stablekit's own (the web UI has no such field): auto, blend (any model) or model (9-channel checkpoint)
+    inpainting_method: str | None = None
 
 
 class GenerationResponse(BaseModel):

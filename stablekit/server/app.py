@@ -1,4 +1,4 @@
-"""The FastAPI app: the web UI's API, the job API, auth, limits, CORS and error shapes.
+"""The FastAPI app: the web UI's API, the job API, the browser UI, auth, limits, CORS and error shapes.
 
 `create_app(config)` builds it; the backend (model, queue, worker) starts with the app's lifespan.
 OpenAPI docs are served at /docs.
@@ -18,6 +18,7 @@ from .errors import install_error_handlers
 from .routes_jobs import jobs_router
 from .routes_sdapi import sdapi_router
 from .security import BodyLimit, auth_dependency
+from .ui import mount_ui
 from .worker import EngineLoader, LocalBackend
 
 
@@ -47,6 +48,7 @@ def create_app(config: ServerConfig, loader: EngineLoader | None = None) -> Fast
     auth = auth_dependency(config)
     app.include_router(sdapi_router(backend, auth))
     app.include_router(jobs_router(backend, auth))
+    mount_ui(app)  # the browser UI at /, on top of the two APIs above
     app.add_middleware(BodyLimit, limit=config.limits.max_upload_bytes)
     if config.cors_origins:  # off unless asked for: browsers on other sites cannot call the API
         from fastapi.middleware.cors import CORSMiddleware

@@ -5,7 +5,8 @@ sampler_index, scheduler, steps, cfg_scale, width, height, batch_size, n_iter (i
 at seed + k*batch_size, as there), eta, s_noise, denoising_strength, resize_mode 0-2, mask,
 mask_blur (x = y), inpainting_fill, inpaint_full_res(_padding), inpainting_mask_invert,
 override_settings {sd_model_checkpoint, CLIP_stop_at_last_layers}, send_images, save_images,
-include_init_images, infotext (fills fields the request left unset).
+include_init_images, infotext (fills fields the request left unset); and one field of stablekit's
+own, inpainting_method (auto, blend or model; the browser UI's picker).
 
 Refused with 400, because silently ignoring them would give a different picture than asked for:
 enable_hr, restore_faces, tiling, subseed_strength > 0, s_churn/s_tmin/s_tmax/s_min_uncond != 0,
@@ -154,7 +155,8 @@ def to_work(task: str, req: ProcessingFields, limits: Limits, allow_urls: bool, 
             fields.update(mask_blur=float(blur_x), masked_content=INPAINTING_FILL[fill],
                           invert_mask=bool(_v(req, "inpainting_mask_invert")),
                           inpaint_area="masked" if _v(req, "inpaint_full_res") else "whole",
-                          inpaint_padding=_v(req, "inpaint_full_res_padding"))
+                          inpaint_padding=_v(req, "inpaint_full_res_padding"),
+                          inpaint_method=req.inpainting_method or "auto")
     try:
         params = GenerationParams(**fields).validated()
     except TypeError as e:
