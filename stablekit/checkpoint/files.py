@@ -4,6 +4,9 @@ key-remapped views over them. The only code that opens weight files.
 
 from __future__ import annotations
 
+import json
+import math
+import mmap
 import pickle
 import re
 from pathlib import Path
@@ -14,12 +17,23 @@ import torch
 from ..detect import CheckpointError
 from ..diffusers_keys import Recipe
 
+PAGE = mmap.PAGESIZE
+
 
 class _LazyTensors(Mapping[str, torch.Tensor]):
-    """Key -> tensor, read on access; `shapes` gives meta tensors for detection without reading."""
+    """Key -> tensor, read on access; `shapes` gives meta tensors for detection without reading.
 
-    def __init__(self, keys: list[str], shape_of: Callable[[str], tuple[tuple[int, ...], torch.dtype]], read: Callable[[str], torch.Tensor]):
-        self._keys, self._shape_of, self._read = keys, shape_of, read
+    `release(key)` tells the reader a tensor has been copied elsewhere, so its pages can go.
+    """
+
+    def __init__(
+        self,
+        keys: list[str],
+        shape_of: Callable[[str], tuple[tuple[int, ...], torch.dtype]],
+        read: Callable[[str], torch.Tensor],
+        release: Callable[[str], None] = lambda key: None,
+    ):
+        self._keys, self._shape_of, self._read, self.release = keys, shape_of, read, release
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self._read(key)
@@ -37,30 +51,83 @@ class _LazyTensors(Mapping[str, torch.Tensor]):
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                        "BOOL": torch.bool}
+_MAX_HEADER = 100 << 20  # the format's own limit on the JSON header
+
+
+def _safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
+    """The tensor table (name -> dtype, shape, data_offsets) and where the data starts."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= min(_MAX_HEADER, size - 8):
+            raise CheckpointError(f"{path.name}: not a readable safetensors file (bad header length)")
+        try:
+            table = json.loads(f.read(n))
+        except ValueError:
+            raise CheckpointError(f"{path.name}: not a readable safetensors file (header is not JSON)") from None
+    if not isinstance(table, dict):
+        raise CheckpointError(f"{path.name}: not a readable safetensors file (header is not a table)")
+    table.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for key, entry in table.items():
+        try:
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            begin, end = (int(o) for o in entry["data_offsets"])
+            count = math.prod(int(d) for d in entry["shape"])
+        except KeyError as e:
+            raise CheckpointError(f"{path.name}: not a readable safetensors file: tensor '{key}' has an "
+                                  f"unsupported dtype or a malformed entry ({e})") from None
+        except (TypeError, ValueError):
+            raise CheckpointError(f"{path.name}: not a readable safetensors file: tensor '{key}' has a malformed entry") from None
+        if not 0 <= begin <= end <= data_size or end - begin != count * dtype.itemsize:
+            raise CheckpointError(f"{path.name}: not a readable safetensors file: tensor '{key}' lies outside "
+                                  "the file or has the wrong size (the file may be truncated)")
+    return table, 8 + n
 
 
 def _read_safetensors(path: Path) -> Mapping[str, torch.Tensor]:
-    from safetensors import safe_open
+    """Tensors as zero-copy views of a private memory map of the file.
 
-    try:
-        f = safe_open(str(path), framework="pt", device="cpu")  # memory-mapped
-        keys = list(f.keys())
-    except Exception as e:  # safetensors raises its own error types for bad headers
-        raise CheckpointError(f"{path.name}: not a readable safetensors file ({e})") from None
+    Why not the safetensors package's reader: after a tensor is converted to another dtype its
+    source pages would stay resident until the whole file is closed, so loading a 4 GB fp32 file
+    as bf16 peaked at 6.5 GB. Here `release` drops each converted tensor's pages at once.
+    """
+    table, start = _safetensors_header(path)
+    with open(path, "rb") as f:  # copy-on-write: weights are never written, but torch wants a writable buffer
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if path.stat().st_size else None
+
+    def span(key: str) -> tuple[int, int]:
+        begin, end = table[key]["data_offsets"]
+        return start + int(begin), start + int(end)
 
     def read(key: str) -> torch.Tensor:
-        try:
-            return f.get_tensor(key)
-        except Exception as e:
-            raise CheckpointError(f"{path.name}: tensor '{key}' cannot be read, the file may be truncated ({e})") from None
+        entry = table[key]
+        dtype, shape = _SAFETENSORS_DTYPES[entry["dtype"]], [int(d) for d in entry["shape"]]
+        begin, end = span(key)
+        if begin == end:
+            return torch.empty(shape, dtype=dtype)
+        if begin % dtype.itemsize:  # unaligned data (old writers): a copy is the only safe view
+            return torch.frombuffer(bytearray(mm[begin:end]), dtype=dtype).reshape(shape)
+        return torch.frombuffer(mm, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin).reshape(shape)
+
+    def release(key: str) -> None:
+        begin, end = span(key)
+        first, last = -(-begin // PAGE) * PAGE, end // PAGE * PAGE  # whole pages inside the tensor only
+        if mm is not None and last > first:
+            mm.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def shape_of(key: str) -> tuple[tuple[int, ...], torch.dtype]:
-        s = f.get_slice(key)
-        if s.get_dtype() not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path.name}: tensor '{key}' has unsupported dtype {s.get_dtype()}")
-        return tuple(s.get_shape()), _SAFETENSORS_DTYPES[s.get_dtype()]
+        entry = table[key]
+        return tuple(int(d) for d in entry["shape"]), _SAFETENSORS_DTYPES[entry["dtype"]]
 
-    return _LazyTensors(keys, shape_of, read)
+    return _LazyTensors(list(table), shape_of, read, release)
+
+
+def release(sd: Mapping[str, torch.Tensor], key: str) -> None:
+    """Let `sd` drop the memory behind `key` (its value has been copied); a no-op for plain dicts."""
+    if isinstance(sd, (_LazyTensors, Remapped)):
+        sd.release(key)
 
 
 def reason(e: BaseException) -> str:
@@ -112,6 +179,11 @@ class Remapped(Mapping[str, torch.Tensor]):
     def __getitem__(self, key: str) -> torch.Tensor:
         source, (keys, combine) = self._recipes[key]
         return combine(*(source[k] for k in keys))
+
+    def release(self, key: str) -> None:
+        source, (keys, _) = self._recipes[key]
+        for k in keys:
+            release(source, k)
 
     def __iter__(self):
         return iter(self._recipes)

@@ -14,7 +14,7 @@ import torch
 from ..config import ModelConfig, Prediction, ScheduleConfig
 from ..detect import CheckpointError, detect, unused_keys
 from ..models import StableDiffusionModel
-from .files import read_tensors, shapes_of
+from .files import read_tensors, release, shapes_of
 from .sources import SINGLE_FILE_SUFFIXES, read_diffusers_folder, resolve, yaml_hints
 
 
@@ -148,5 +148,7 @@ def build_and_load(
     for k in present:  # one tensor at a time: the target-dtype copy is the only full copy
         t = sd[k]
         weights[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+        if weights[k].data_ptr() != t.data_ptr():  # copied: the file's pages for it can go
+            release(sd, k)
     model.load_state_dict(weights, strict=True, assign=True)
     return model.requires_grad_(False).eval()
