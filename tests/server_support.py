@@ -55,21 +55,26 @@ class Server:
     """`python -m stablekit.cli serve ...` on 127.0.0.1 and a free port; killed by `kill()` or `stop()`."""
 
     def __init__(self, model: Path, tmp: Path, *extra: str, port: int | None = None,
-                 auth: tuple[str, str] | None = None, env: dict[str, str] | None = None):
+                 auth: tuple[str, str] | None = None, token: str | None = None, env: dict[str, str] | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.auth = auth
+        self.token = token
         self.log = tmp / f"server-{self.port}-{time.monotonic_ns()}.log"
         args = [sys.executable, "-m", "stablekit.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
                 "--port", str(self.port), "--outputs", str(tmp / "outputs"), "--log-level", "warning", *extra]
         if auth:
             args += ["--api-auth", f"{auth[0]}:{auth[1]}"]
+        if token:
+            args += ["--token", token]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self._log_file = open(self.log, "w")
         self.proc = subprocess.Popen(args, stdout=self._log_file, stderr=subprocess.STDOUT, env=env)
         self._wait_ready()
 
     def headers(self) -> dict[str, str]:
+        if self.token:
+            return {"Authorization": f"Bearer {self.token}"}
         if not self.auth:
             return {}
         token = base64.b64encode(f"{self.auth[0]}:{self.auth[1]}".encode()).decode()

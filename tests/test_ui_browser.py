@@ -229,13 +229,19 @@ def test_mask_tools_and_outpainting(page, server, tmp_path):
     assert page.eval_on_selector("#result img", "img => [img.naturalWidth, img.naturalHeight]") == [96, 64]
 
 
-def test_interrupt_a_run(page, server):
+def test_reload_during_a_run_then_interrupt_it(page, server):
     small_run(page, steps=1000, seed=11)
-    before = page.get_attribute("#result", "data-job") or ""
+    before = page.get_attribute("#result", "data-job")
     page.click("#generate")
     wait_step(page, 3)
+    page.reload()  # the run goes on on the server; the page finds it in the job store and follows it again
+    page.wait_for_selector("body[data-ready='1']")
+    wait_step(page, 6)
+    assert page.is_enabled("#interrupt")
     page.click("#interrupt")
-    page.wait_for_function(f"(document.getElementById('result').dataset.job || '') !== {before!r}")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('Interrupted at step')")
+    assert page.get_attribute("#result", "data-job") not in (None, "", before)
+    assert page.eval_on_selector("#result img", "img => img.complete && img.naturalWidth") == 64
     status = page.inner_text("#status")
     assert status.startswith("Interrupted at step") and "/1000" in status
     step = int(status.split("step ")[1].split("/")[0])
@@ -283,15 +289,22 @@ def test_server_errors_are_shown(page):
     assert "Choose, drop or paste a picture first" in page.inner_text("#error-text")
 
 
-def test_reload_keeps_results_and_send_to_inpaint(page, server):
+def test_batch_reload_keeps_results_and_send_to_inpaint(page, server):
     small_run(page, steps=6, seed=21, prompt="a blue square")
+    page.fill("#batch_size", "2")
     generate(page)
+    assert page.locator("#result img").count() == 2
+    page.click("#result img >> nth=1")
+    assert "Seed: 22" in page.inner_text("#infotext")  # picture i of a batch has seed + i
+    page.click("#seed-reuse")
+    assert page.input_value("#seed") == "22"
+    page.click("#result img >> nth=0")
     job = page.get_attribute("#result", "data-job")
     page.reload()
     page.wait_for_selector("body[data-ready='1']")
     assert page.input_value("#prompt") == "a blue square"  # the form comes back from local storage
     assert page.get_attribute("#result", "data-job") == job  # the last result from the server's job store
-    assert page.locator("#gallery .thumb").count() >= 1
+    assert page.locator("#gallery .thumb").count() >= 2
     assert "Seed: 21" in page.inner_text("#infotext")
     page.click("#gallery .thumb >> nth=0")
     page.click("#send-inpaint")
@@ -313,3 +326,24 @@ def test_phone_layout(browser, server):
     finally:
         context.close()
     assert not errors
+
+
+def test_credentials_are_asked_for_when_the_server_wants_them(browser, tmp_path):
+    from stablekit.demo import demo_model
+
+    # a bearer token: browsers have no prompt of their own for it (for Basic auth they show theirs first)
+    secured = Server(demo_model(), tmp_path, token="apiuser-token-123", env={"OMP_NUM_THREADS": "1"})
+    context = browser.new_context(viewport=LAPTOP)
+    try:
+        page = context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        page.goto(secured.url + "/")
+        page.wait_for_selector("#login[open]")  # one dialog, though several calls were refused
+        page.fill("#login-token", "apiuser-token-123")
+        page.click("#login-form button[type=submit]")
+        page.wait_for_selector("body[data-ready='1']")
+        assert page.is_hidden("#error")
+        assert page.locator("#sampler_name option").count() > 3
+    finally:
+        context.close()
+        secured.stop()

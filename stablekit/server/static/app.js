@@ -29,17 +29,22 @@ function setStatus(text) {
 $("error-close").addEventListener("click", clearError);
 
 // --- credentials (only when the server asks) -----------------------------------------------------
-setLoginHandler(() => new Promise((resolve) => {
-  const dialog = $("login");
-  dialog.addEventListener("close", () => {
-    const token = $("login-token").value.trim();
-    const user = $("login-user").value;
-    if (token) setCredentials(`Bearer ${token}`);
-    else if (user) setCredentials(`Basic ${btoa(`${user}:${$("login-password").value}`)}`);
-    resolve(Boolean(token || user));
-  }, { once: true });
-  dialog.showModal();
-}));
+let login = null; // one dialog for all the calls that got a 401 at the same time
+setLoginHandler(() => {
+  login ??= new Promise((resolve) => {
+    const dialog = $("login");
+    dialog.addEventListener("close", () => {
+      const token = $("login-token").value.trim();
+      const user = $("login-user").value;
+      if (token) setCredentials(`Bearer ${token}`);
+      else if (user) setCredentials(`Basic ${btoa(`${user}:${$("login-password").value}`)}`);
+      login = null;
+      resolve(Boolean(token || user));
+    }, { once: true });
+    dialog.showModal();
+  });
+  return login;
+});
 
 // --- modes ----------------------------------------------------------------------------------------
 function setMode(mode) {
@@ -147,6 +152,7 @@ async function follow(job) {
   $("progress").hidden = false;
   $("progress-fill").style.width = "0%";
   $("progress-text").textContent = "Waiting…";
+  if (window.matchMedia("(max-width: 820px)").matches) $("progress").scrollIntoView({ block: "nearest" }); // phone: output is below
   const timing = { t0: null, f0: 0 };
   let lastStep = null;
   const onEvent = (name, data) => {
@@ -269,8 +275,11 @@ $("init-file").addEventListener("change", (e) => {
   const file = e.target.files[0];
   if (file) usePicture(file).catch((err) => showError(err.message));
 });
+$("dropzone").addEventListener("dragenter", () => $("dropzone").classList.add("over"));
+$("dropzone").addEventListener("dragleave", () => $("dropzone").classList.remove("over"));
 $("dropzone").addEventListener("drop", (e) => {
   e.preventDefault();
+  $("dropzone").classList.remove("over");
   e.stopPropagation();
   const file = e.dataTransfer.files[0];
   if (file) usePicture(file).catch((err) => showError(err.message));
