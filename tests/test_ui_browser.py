@@ -202,6 +202,30 @@ def test_inpaint_changes_only_the_painted_region(page, server, tmp_path):
     assert "Mask blur: 2" in page.inner_text("#infotext")
 
 
+def test_img2img_from_a_dropped_picture_and_download(page, server, tmp_path):
+    page.click("#tab-img2img")
+    assert page.is_hidden("#mask-tools") and page.is_hidden("#inpaint-options")
+    buf = io.BytesIO()
+    picture(48, 40, seed=2).save(buf, format="PNG")
+    drop_png(page, base64.b64encode(buf.getvalue()).decode(), "#dropzone")  # the init picture, not PNG info
+    page.wait_for_selector("#canvas-wrap:not([hidden])")
+    assert page.input_value("#width") == "48" and page.input_value("#height") == "40"
+    assert page.is_hidden("#error")
+    page.fill("#denoising_strength", "0.5")
+    page.fill("#steps", "10")
+    page.fill("#seed", "3")
+    generate(page)
+    assert page.eval_on_selector("#result img", "img => [img.naturalWidth, img.naturalHeight]") == [48, 40]
+    assert "Denoising strength: 0.5" in page.inner_text("#infotext")
+    with page.expect_download() as download:
+        page.click("#download")
+    assert download.value.suggested_filename == "stablekit-3.png"
+    path = tmp_path / "downloaded.png"
+    download.value.save_as(path)
+    with Image.open(path) as im:
+        assert im.size == (48, 40) and "Denoising strength: 0.5" in im.info["parameters"]
+
+
 def test_mask_tools_and_outpainting(page, server, tmp_path):
     path = tmp_path / "source.png"
     picture(64, 64).save(path)
@@ -215,9 +239,15 @@ def test_mask_tools_and_outpainting(page, server, tmp_path):
     assert page.evaluate(painted) == 64 * 64
     page.click("#mask-undo")
     assert page.evaluate(painted) == 0
-    page.click("#tool-eraser")
-    page.click("#tool-brush")
     page.click("#mask-invert")
+    page.click("#tool-eraser")  # erase a stroke out of the fully painted mask
+    box = page.locator("#mask").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.8, box["y"] + box["height"] / 2, steps=8)
+    page.mouse.up()
+    assert 0 < page.evaluate(painted) < 64 * 64 - 100
+    page.click("#tool-brush")
     page.click("#mask-clear")
     assert page.evaluate(painted) == 0
     page.select_option("#extend-by", "32")
