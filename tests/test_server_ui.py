@@ -51,3 +51,8 @@ def test_inpainting_method_field(client):
     model = client.post("/sdapi/v1/img2img", json={**body, "inpainting_method": "model"}, headers=AUTH)
     assert model.status_code == 400  # a 4-channel model cannot do the 9-channel method: said, not ignored
     assert model.json()["detail"]
+
+
+def test_options_tell_the_loaded_models_resolution(client, tiny_models):
+    options = client.get("/sdapi/v1/options", headers=AUTH).json()
+    assert options["stablekit_model_resolution"] == stablekit.load(tiny_models["sd1"].single_file).config.resolution

@@ -141,6 +141,7 @@ def test_page_is_served_at_root(server):
 
 
 def test_txt2img_progress_preview_and_infotext(page, server):
+    assert page.input_value("#width") == page.input_value("#height") == "64"  # the demo model's own size
     samplers = page.eval_on_selector_all("#sampler_name option", "os => os.map(o => o.value)")
     assert "Euler a" in samplers and "DPM++ 2M" in samplers  # the server's list
     assert "karras" in page.eval_on_selector_all("#scheduler option", "os => os.map(o => o.value)")

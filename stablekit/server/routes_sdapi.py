@@ -101,7 +101,8 @@ def sdapi_router(backend: LocalBackend, auth: Any) -> APIRouter:
         return {"sd_model_checkpoint": o.checkpoint.title, "sd_checkpoint_hash": o.checkpoint.sha256,
                 "CLIP_stop_at_last_layers": o.clip_skip, "samples_format": "png", "sd_vae": "Automatic",
                 "eta_noise_seed_delta": 0, "randn_source": "CPU", "inpainting_mask_weight": 1.0,
-                "img2img_color_correction": False, "img2img_background_color": "#ffffff", **o.extra}
+                "img2img_color_correction": False, "img2img_background_color": "#ffffff",
+                "stablekit_model_resolution": backend.resolution, **o.extra}  # ours: the model's own size
 
     @router.post("/options")
     def set_options(body: dict[str, Any] = Body(...)) -> None:

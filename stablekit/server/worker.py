@@ -139,6 +139,11 @@ class LocalBackend:
         return checkpoint
 
     @property
+    def resolution(self) -> int | None:
+        """The loaded model's own picture size (the browser UI's default width and height)."""
+        return self._engine.config.resolution if self._engine is not None else None
+
+    @property
     def engine(self) -> Engine:
         assert self._engine is not None
         return self._engine

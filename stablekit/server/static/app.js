@@ -364,6 +364,7 @@ async function loadLists() {
   $("scheduler").replaceChildren(...schedulers.map((s) => new Option(s.label, s.name)));
   $("model").replaceChildren(...models.map((m) => new Option(m.model_name, m.title)));
   $("model").value = options.sd_model_checkpoint;
+  state.resolution = options.stablekit_model_resolution;
   $("sampler_name").value = samplers.some((s) => s.name === "DPM++ 2M") ? "DPM++ 2M" : samplers[0]?.name;
 }
 
@@ -373,7 +374,12 @@ async function start() {
   } catch (e) {
     showError(`Cannot load the server's lists: ${e.message}`);
   }
+  const firstVisit = !localStorage.getItem(FORM_KEY);
   setMode(restoreForm() || "txt2img");
+  if (firstVisit && state.resolution) { // the model's own size, not a guess (the demo model makes 64x64)
+    $("width").value = $("height").value = String(state.resolution);
+    saveForm();
+  }
   const jobs = await gallery.refresh();
   const unfinished = (jobs || []).find((j) => j.status === "queued" || j.status === "running");
   if (unfinished) follow(unfinished).catch((e) => showError(e.message));
