@@ -27,6 +27,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--zero-terminal-snr", action="store_true", default=None,
                    help="the model was trained with zero-terminal-SNR betas (Lin et al. 2023)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="decode and encode in overlapping tiles: large pictures in bounded memory")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet (the first step is slow while it compiles)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,8 +139,9 @@ def _generate(args: argparse.Namespace, params: GenerationParams, run) -> int:
         from .demo import demo_model
 
         args.model = demo_model()
+    set_threads(args.threads)
     engine = load(args.model, dtype=args.dtype, device=args.device, prediction=args.prediction,
-                  zero_terminal_snr=args.zero_terminal_snr)
+                  zero_terminal_snr=args.zero_terminal_snr, vae_tiling=args.vae_tiling, compile=args.compile)
     for note in engine.loaded.notes:
         print(f"stablekit: {note}", file=sys.stderr)
     print(f"stablekit: loaded {engine.config.name} in {time.perf_counter() - t0:.1f}s "
@@ -144,7 +150,29 @@ def _generate(args: argparse.Namespace, params: GenerationParams, run) -> int:
         images = run(engine, params, lambda i, n, x0: (setattr(bar, "total", n), bar.update(1)))
     for k, image in enumerate(images):
         print(save_png(image, Path(args.out), params.seed + k), flush=True)
+    print(f"stablekit: done in {time.perf_counter() - t0:.1f}s; peak memory {peak_memory(engine.device)}", file=sys.stderr)
     return 0
+
+
+def set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def peak_memory(device) -> str:
+    """Peak resident memory of this process (and of the GPU, when one is used), for the user."""
+    import resource
+
+    import torch
+
+    text = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB resident"  # Linux: KiB
+    if device.type == "cuda":
+        text += f", {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB on the GPU"
+    return text
 
 
 def _txt2img(args: argparse.Namespace) -> int:

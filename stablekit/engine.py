@@ -15,6 +15,7 @@ from .diffusion.samplers import Callback
 from .diffusion.schedule import ModelSchedule
 from .images import fit_picture, infotext, to_pil, to_tensor
 from .models.tokenizer import CLIPTokenizer
+from .models.vae_tiling import Tiling
 from .params import GenerationParams
 from .pipeline import editing, tasks
 
@@ -51,6 +52,10 @@ class Engine:
             loaded.model, CLIPTokenizer(pad_id=cfg.text.pad_id), ModelSchedule(cfg.schedule), device, dtype,
             quantize_timesteps,
         )
+
+    def set_vae_tiling(self, tiling: bool | Tiling) -> None:
+        """Decode and encode pictures tile by tile (True: the default tiles), or whole (False)."""
+        self.loaded.model.vae.tiling = Tiling() if tiling is True else (tiling or None)
 
     @property
     def config(self) -> ModelConfig:
@@ -171,13 +176,21 @@ def load(
     prediction: Prediction | None = None,
     quantize_timesteps: bool = False,
     zero_terminal_snr: bool | None = None,
+    vae_tiling: bool | Tiling = False,
+    compile: bool = False,
 ) -> Engine:
     """Load a checkpoint file, diffusers folder or hub id into an Engine.
 
     `zero_terminal_snr` overrides the model's schedule (diffusers' rescale_betas_zero_snr) for
-    models trained that way; None keeps what the checkpoint's config says.
+    models trained that way; None keeps what the checkpoint's config says. `vae_tiling` decodes
+    and encodes in tiles (True: 512-pixel tiles; or a Tiling). `compile` runs the UNet through
+    torch.compile; it compiles on its first call.
     """
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     loaded = load_model(model, dtype=torch_dtype, device=dev, prediction=prediction, zero_terminal_snr=zero_terminal_snr)
-    return Engine(loaded, dev, torch_dtype, quantize_timesteps)
+    engine = Engine(loaded, dev, torch_dtype, quantize_timesteps)
+    engine.set_vae_tiling(vae_tiling)
+    if compile:
+        loaded.model.unet.compile()  # in place: parameter names (and so saving and hashing) stay as they are
+    return engine

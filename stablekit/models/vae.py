@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VAEConfig
+from .attention import attention
 from .unet import GroupNorm32, set_norm_groups
+from .vae_tiling import Tiling, tiled
 
 
 def Normalize(channels: int) -> nn.GroupNorm:  # noqa: N802 - LDM name
@@ -49,7 +51,7 @@ class AttnBlock(nn.Module):
         b, c, h, w = x.shape
         y = self.norm(x)
         q, k, v = (p(y).flatten(2).transpose(1, 2)[:, None] for p in (self.q, self.k, self.v))  # [B, 1, hw, C]
-        out = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(b, c, h, w)
+        out = attention(q, k, v)[:, 0].transpose(1, 2).reshape(b, c, h, w)
         return x + self.proj_out(out)
 
 
@@ -156,12 +158,26 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
         self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
         set_norm_groups(self, cfg.norm_groups)
+        self.tiling: Tiling | None = None  # set to decode and encode large pictures tile by tile
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """picture [B,3,H,W] in [-1,1] -> (mean, logvar), each [B, z, H/8, W/8] (unscaled)."""
-        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        def moments(part: torch.Tensor) -> torch.Tensor:
+            return self.quant_conv(self.encoder(part))
+
+        if self.tiling is None:
+            out = moments(x)
+        else:
+            f, t = self.cfg.downscale, self.tiling
+            out = tiled(moments, x, t.tile * f, t.overlap * f, 1 / f)
+        mean, logvar = out.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """unscaled latent [B, z, h, w] -> picture [B, 3, 8h, 8w] in about [-1, 1]."""
-        return self.decoder(self.post_quant_conv(z))
+        def picture(part: torch.Tensor) -> torch.Tensor:
+            return self.decoder(self.post_quant_conv(part))
+
+        if self.tiling is None:
+            return picture(z)
+        return tiled(picture, z, self.tiling.tile, self.tiling.overlap, self.cfg.downscale)
