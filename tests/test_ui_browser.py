@@ -25,7 +25,8 @@ from .server_support import Server, picture
 
 CHROMIUM = os.environ.get("STABLEKIT_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]  # containers often have a small /dev/shm
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "ui"
 LAPTOP = {"width": 1366, "height": 800}
 PHONE = {"width": 390, "height": 844}

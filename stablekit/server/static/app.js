@@ -190,8 +190,8 @@ async function follow(job) {
   }
   if (final.name === "done") {
     const at = lastStep ? ` at step ${lastStep.step}/${lastStep.steps}` : "";
-    setStatus(state.interrupted ? `Interrupted${at}: the picture so far is shown.` : `Done in ${formatSeconds(final.job.finished - final.job.started)}.`);
     await gallery.show(final.job, 0);
+    setStatus(state.interrupted ? `Interrupted${at}: the picture so far is shown.` : `Done in ${formatSeconds(final.job.finished - final.job.started)}.`);
   } else if (final.name === "cancelled") {
     setStatus("Cancelled.");
   } else {

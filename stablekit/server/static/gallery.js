@@ -39,6 +39,7 @@ export class Gallery {
       img.className = i === index ? "selected" : "";
       img.dataset.index = String(i);
       img.addEventListener("click", () => this.show(job, i));
+      await img.decode().catch(() => {}); // swap in whole pictures, not half-loaded ones
       return img;
     }));
     result.replaceChildren(...imgs);
