@@ -8,10 +8,8 @@ so the two formats are checked against each other, not produced by the code unde
 
 from __future__ import annotations
 
-import gzip
 import importlib
 import importlib.util
-import json
 import math
 import os
 import sys
@@ -24,10 +22,9 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from stablekit.bench.diffusers_folder import ldm_yaml, write_diffusers
 from stablekit.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from stablekit.models import StableDiffusionModel
-
-VOCAB_GZ = Path(__file__).resolve().parents[1] / "stablekit" / "models" / "bpe_simple_vocab_16e6.txt.gz"
 
 
 @dataclass
@@ -69,24 +66,6 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
             p.copy_(r / math.sqrt(p[0].numel()))
 
 
-def ldm_yaml(cfg: ModelConfig) -> dict:
-    """The LDM model config (as shipped next to real checkpoints) describing `cfg`."""
-    u, v = cfg.unet, cfg.vae
-    ds = [2**level for level in u.attention_levels]
-    unet = {"in_channels": u.in_channels, "out_channels": u.out_channels, "model_channels": u.model_channels,
-            "channel_mult": list(u.channel_mult), "num_res_blocks": u.num_res_blocks, "attention_resolutions": ds,
-            "transformer_depth": u.transformer_depth, "context_dim": u.context_dim,
-            "use_linear_in_transformer": u.use_linear_in_transformer}
-    unet.update({"num_heads": u.num_heads} if u.num_heads > 0 else {"num_head_channels": u.num_head_channels})
-    params = {"scale_factor": v.scale_factor, "unet_config": {"params": unet},
-              "first_stage_config": {"params": {"ddconfig": {
-                  "ch": v.ch, "ch_mult": list(v.ch_mult), "num_res_blocks": v.num_res_blocks, "z_channels": v.z_channels,
-                  "in_channels": 3, "out_ch": 3, "resolution": 256, "double_z": True, "attn_resolutions": []}}}}
-    if cfg.prediction == "v":
-        params["parameterization"] = "v"
-    return {"model": {"params": params}}
-
-
 def ldm_state_dict(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
     """A random checkpoint in the original layout, with the extras real files carry."""
     model = StableDiffusionModel(cfg)
@@ -104,72 +83,6 @@ def ldm_state_dict(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
         sd["cond_stage_model.model.logit_scale"] = torch.tensor(4.6)
     sd["alphas_cumprod"] = torch.ones(1000)  # training buffers that real files carry
     return sd
-
-
-def vocab_files(folder: Path) -> tuple[Path, Path]:
-    """vocab.json and merges.txt as the CLIP hub repos ship them, derived from the BPE file."""
-    folder.mkdir(parents=True, exist_ok=True)
-    merges = gzip.open(VOCAB_GZ, "rt", encoding="utf-8").read().split("\n")[1 : 49152 - 256 - 2 + 1]
-    byte_chars = _bytes_to_unicode()
-    vocab = list(byte_chars) + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return folder / "vocab.json", folder / "merges.txt"
-
-
-def _bytes_to_unicode() -> list[str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]  # in CLIP's vocabulary order: printable bytes first
-
-
-def write_diffusers(sd: dict, cfg: ModelConfig, ldm_config: dict, folder: Path, tmp: Path) -> None:
-    """Convert with diffusers' own single-file code and save as a diffusers pipeline folder."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.loaders import single_file_utils as su
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    unet_conf = su.create_unet_diffusers_config_from_ldm(ldm_config, sd, image_size=64)
-    unet = UNet2DConditionModel(**unet_conf)
-    unet.load_state_dict(su.convert_ldm_unet_checkpoint(sd, unet_conf), strict=True)
-    vae_conf = su.create_vae_diffusers_config_from_ldm(ldm_config, sd, image_size=64)
-    vae = AutoencoderKL(**vae_conf)
-    vae.load_state_dict(su.convert_ldm_vae_checkpoint(sd, vae_conf), strict=True)
-
-    t = cfg.text
-    text_conf = CLIPTextConfig(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=t.mlp_width,
-                               num_hidden_layers=t.layers, num_attention_heads=t.heads, max_position_embeddings=77,
-                               hidden_act="quick_gelu" if t.layout == "clip" else "gelu",
-                               bos_token_id=49406, eos_token_id=49407, pad_token_id=1 if t.layout == "clip" else 0)
-    text = CLIPTextModel(text_conf)
-    if t.layout == "clip":
-        text_sd = su.convert_ldm_clip_checkpoint(sd)
-    else:  # drop the never-used last block, as diffusers' ignore list does for the full-size block 23
-        unused = f"cond_stage_model.model.transformer.resblocks.{t.layers}."
-        text_sd = su.convert_open_clip_checkpoint(text, {k: v for k, v in sd.items() if not k.startswith(unused)})
-        text_sd.pop("text_projection.weight", None)  # CLIPTextModel has no projection head
-    if not any(k.startswith("text_model.") for k in text.state_dict()):  # transformers >= 5 drops the prefix
-        text_sd = {k.removeprefix("text_model."): v for k, v in text_sd.items()}
-    missing, unexpected = text.load_state_dict(text_sd, strict=False)
-    leftovers = [k for k in missing + unexpected if not k.endswith("position_ids")]
-    assert not leftovers, leftovers
-
-    vocab_files(tmp / "vocab")  # transformers 5 reads vocab files only through from_pretrained
-    tokenizer = CLIPTokenizer.from_pretrained(str(tmp / "vocab"), model_max_length=77, pad_token="<|endoftext|>" if t.layout == "clip" else "!")
-    assert len(tokenizer) == 49408
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1,
-                              prediction_type="v_prediction" if cfg.prediction == "v" else "epsilon")
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(folder)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from stablekit.models.tokenizer import CLIPTokenizer
-
-from .conftest import vocab_files
+from stablekit.models.vocab_files import vocab_files
 
 transformers = pytest.importorskip("transformers")
 
