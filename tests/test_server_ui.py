@@ -56,3 +56,10 @@ def test_inpainting_method_field(client):
 def test_options_tell_the_loaded_models_resolution(client, tiny_models):
     options = client.get("/sdapi/v1/options", headers=AUTH).json()
     assert options["stablekit_model_resolution"] == stablekit.load(tiny_models["sd1"].single_file).config.resolution
+
+
+def test_the_page_works_offline():
+    """Nothing is fetched from elsewhere: no external scripts, styles, fonts or images."""
+    for path in STATIC.iterdir():
+        text = path.read_text()
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text, path.name

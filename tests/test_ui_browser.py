@@ -202,6 +202,13 @@ def test_inpaint_changes_only_the_painted_region(page, server, tmp_path):
     assert np.array_equal(out[outside], src[outside]), "pixels outside the painted region changed"
     assert np.abs(out[inside] - src[inside]).mean() > 8, "the painted region was not repainted"
     assert "Mask blur: 2" in page.inner_text("#infotext")
+    # "only masked": a box around the mask is repainted at full resolution, then pasted back
+    page.select_option("#inpaint_area", "masked")
+    page.fill("#inpaint_full_res_padding", "8")
+    generate(page)
+    assert "Inpaint area: Only masked, Masked area padding: 8" in page.inner_text("#infotext")
+    out = np.asarray(result_picture(page, server), dtype=np.int16)
+    assert np.array_equal(out[outside], src[outside]) and np.abs(out[inside] - src[inside]).mean() > 8
 
 
 def test_img2img_from_a_dropped_picture_and_download(page, server, tmp_path):
