@@ -44,6 +44,8 @@ def peak_rss() -> int:
 
 def run_job(job: Job) -> dict:
     torch.set_num_threads(job.threads)  # the same count for both sides; set before any work
+    if job.compile:  # a cache of its own: every job pays the cold compile cost, not a warm one from a job before
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(job.result).with_suffix(".inductor"))
     if job.side == "stablekit":
         from .stablekit_side import prepare
     else:

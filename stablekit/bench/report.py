@@ -32,6 +32,7 @@ def machine_info(threads: int) -> dict:
 
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": threads, "python": platform.python_version(),
             "torch": torch.__version__, "diffusers": version("diffusers"), "transformers": version("transformers"),
+            "accelerate": version("accelerate"),  # without it diffusers loads with low_cpu_mem_usage=False
             "stablekit": version("stablekit"), "platform": platform.platform()}
 
 

@@ -176,15 +176,18 @@ def summary_lines(args: argparse.Namespace, rows: list[dict], quality: dict) -> 
     lines = []
     for side, db in quality.items():
         lines.append(f"bf16 vs fp32, final {args.size}x{args.size} picture (seed {SEED}), {side}: PSNR {db:.1f} dB")
-    if args.compile:
+    if args.compile:  # the first call compiles (cold cache): its excess over the median is the compile cost
         for row in rows:
             for side in SIDES:
                 r = row.get(side)
-                if row["part"] in ("unet", "txt2img") and r and "error" not in r:
-                    first = "first UNet call" if row["part"] == "unet" else "1-step warm-up generation"
-                    lines.append(f"compile, {side} {row['part']} {row['dtype']}: {first} {r['warmup_s']:.2f} s "
-                                 f"(includes compiling) vs median {r['median_s']:.2f} s; "
-                                 f"compile cost about {r['warmup_s'] - (r['median_s'] if row['part'] == 'unet' else 0):.2f} s")
+                if not r or "error" in r or row["part"] not in ("unet", "txt2img"):
+                    continue
+                if row["part"] == "unet":
+                    lines.append(f"compile, {side} unet {row['dtype']}: first call {r['warmup_s']:.2f} s, median "
+                                 f"{r['median_s']:.2f} s: compile cost about {r['warmup_s'] - r['median_s']:.2f} s")
+                else:
+                    lines.append(f"compile, {side} txt2img {row['dtype']}: 1-step warm-up generation "
+                                 f"{r['warmup_s']:.2f} s (compiling included), not in the timed runs")
     for row in rows:
         if row["part"] != "large":
             continue
