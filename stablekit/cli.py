@@ -131,7 +131,7 @@ def _generate(args: argparse.Namespace, params: GenerationParams, run) -> int:
     """Load the model, run `run(engine, params, callback)` with a progress bar, save and print the paths."""
     from tqdm import tqdm
 
-    from .engine import load
+    from .engine import load, set_threads
     from .images import save_png
 
     t0 = time.perf_counter()
@@ -152,15 +152,6 @@ def _generate(args: argparse.Namespace, params: GenerationParams, run) -> int:
         print(save_png(image, Path(args.out), params.seed + k), flush=True)
     print(f"stablekit: done in {time.perf_counter() - t0:.1f}s; peak memory {peak_memory(engine.device)}", file=sys.stderr)
     return 0
-
-
-def set_threads(threads: int | None) -> None:
-    import torch
-
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
 
 
 def peak_memory(device) -> str:

@@ -32,6 +32,14 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+def set_threads(threads: int | None) -> None:
+    """CPU threads for this process (None: PyTorch's default, one per core)."""
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype '{name}'; choose from {', '.join(DTYPES)}")

@@ -26,7 +26,8 @@ def default_loader(config: ServerConfig) -> EngineLoader:
     def load(spec: str) -> Engine:
         from ..engine import load as load_engine
 
-        return load_engine(spec, dtype=config.dtype, device=config.device, prediction=config.prediction)
+        return load_engine(spec, dtype=config.dtype, device=config.device, prediction=config.prediction,
+                           vae_tiling=config.vae_tiling)
     return load
 
 

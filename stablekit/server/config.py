@@ -32,6 +32,7 @@ class ServerConfig:
     dtype: str = "fp32"
     device: str | None = None
     prediction: str | None = None
+    vae_tiling: bool = False  # decode and encode large pictures tile by tile
 
     @property
     def db_path(self) -> Path:

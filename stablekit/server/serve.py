@@ -33,6 +33,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     s.add_argument("--device", default="auto")
     s.add_argument("--prediction", choices=["eps", "v"])
+    s.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
+    s.add_argument("--vae-tiling", action="store_true", help="decode and encode large pictures tile by tile")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return s
 
@@ -47,6 +49,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if args.token is not None and len(args.token) < 8:
         raise ValueError("--token must be at least 8 characters")
+    from ..engine import set_threads
+
+    set_threads(args.threads)
     if args.model is None:
         from ..demo import demo_model
 
@@ -57,6 +62,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
         allow_url_images=args.allow_url_images, dtype=args.dtype,
         device=None if args.device == "auto" else args.device, prediction=args.prediction,
+        vae_tiling=args.vae_tiling,
     )
 
 
