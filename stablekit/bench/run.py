@@ -241,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ERROR {e}", file=sys.stderr)
 
     report = {"machine": machine_info(args.threads), "checkpoint": checkpoint.name,
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              # where files went is this machine's business, not a result: paths stay out of the report
+              "settings": {k: v for k, v in vars(args).items() if not isinstance(v, Path)},
               "rows": rows, "psnr_bf16_vs_fp32_db": {k: (None if math.isinf(v) else v) for k, v in quality.items()},
               "summary": summary_lines(args, rows, quality), "wall_s": time.time() - started}
     args.json.parent.mkdir(parents=True, exist_ok=True)
