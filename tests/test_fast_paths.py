@@ -171,7 +171,15 @@ def test_safetensors_header_lies_are_clear_errors(tmp_path):
         read_tensors(path)
 
 
-def test_cli_speed_flags(tiny_models, tmp_path, capsys):
+@pytest.fixture
+def keep_threads():
+    """--threads sets the process's thread count; later tests compare with a server on the default."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cli_speed_flags(tiny_models, tmp_path, capsys, keep_threads):
     out = tmp_path / "out"
     code = main(["txt2img", "--model", str(tiny_models["sd1"].single_file), "--prompt", "a red circle", "--steps", "2",
                  "--width", "96", "--height", "64", "--threads", "1", "--vae-tiling", "--out", str(out)])
