@@ -156,11 +156,11 @@ def _generate(args: argparse.Namespace, params: GenerationParams, run) -> int:
 
 def peak_memory(device) -> str:
     """Peak resident memory of this process (and of the GPU, when one is used), for the user."""
-    import resource
-
     import torch
 
-    text = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB resident"  # Linux: KiB
+    from .engine import peak_rss_bytes
+
+    text = f"{peak_rss_bytes() / 2**30:.2f} GiB resident"
     if device.type == "cuda":
         text += f", {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB on the GPU"
     return text

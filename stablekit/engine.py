@@ -40,6 +40,15 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far, in bytes."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux kilobytes
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype '{name}'; choose from {', '.join(DTYPES)}")

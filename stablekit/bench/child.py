@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..engine import peak_rss_bytes
 from .inputs import Job, save_output
 
 
@@ -34,12 +34,6 @@ def current_rss() -> int | None:
     except (OSError, IndexError, ValueError):
         return None
     return pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss() -> int:
-    """Peak resident set size of this process so far, in bytes."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux kilobytes
 
 
 def run_job(job: Job) -> dict:
@@ -70,7 +64,7 @@ def run_job(job: Job) -> dict:
     save_output(job, out)
     return {"side": job.side, "part": job.part, "dtype": job.dtype, "size": job.size, "ran": prepared.ran,
             "load_s": load_s, "warmup_s": warmup_s, "times_s": times, "median_s": statistics.median(times),
-            "rss_after_load_bytes": rss_loaded, "peak_rss_bytes": peak_rss(), "threads": torch.get_num_threads(),
+            "rss_after_load_bytes": rss_loaded, "peak_rss_bytes": peak_rss_bytes(), "threads": torch.get_num_threads(),
             "output_shape": list(out.shape), "output_finite": bool(torch.isfinite(out.float()).all())}
 
 

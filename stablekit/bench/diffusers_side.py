@@ -31,7 +31,7 @@ def prepare(job: Job) -> Prepared:
     pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace")
     pipe.set_progress_bar_config(disable=True)
     extra = []
-    if job.compile and job.part in ("unet", "txt2img", "large"):
+    if job.compiles_unet:
         pipe.unet = torch.compile(pipe.unet)
         extra.append("pipe.unet = torch.compile(pipe.unet)")
     if job.vae_tiling:
@@ -49,8 +49,7 @@ def prepare(job: Job) -> Prepared:
         return Prepared(text, text, f"{loaded}; pipe.tokenizer + pipe.text_encoder([prompt, negative]), batch 2")
 
     if job.part == "unet":
-        x, t, context = unet_inputs(job.size, job.context_dim)
-        x, context = x.to(job.torch_dtype), context.to(job.torch_dtype)
+        x, t, context = unet_inputs(job)
 
         @torch.inference_mode()
         def unet() -> torch.Tensor:

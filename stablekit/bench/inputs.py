@@ -53,6 +53,10 @@ class Job:
         return DTYPES[self.dtype]
 
     @property
+    def compiles_unet(self) -> bool:
+        return self.compile and self.part in ("unet", "txt2img", "large")  # the parts that call the UNet
+
+    @property
     def vae_tiling(self) -> bool:
         return self.part == "large"  # the large picture is the tiled-decode memory check
 
@@ -61,12 +65,13 @@ def _generator(offset: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(SEED * 1000 + offset)
 
 
-def unet_inputs(size: int, context_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [2, 4, size/8, size/8], t [2] (float), context [2, 77, C]: one CFG step's UNet call, float32."""
+def unet_inputs(job: Job) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [2, 4, size/8, size/8], t [2] (float32), context [2, 77, C]: one CFG step's UNet call, x and
+    context drawn in float32 and then cast to the job's dtype, so both sides get the same values."""
     g = _generator(1)
-    x = torch.randn(2, 4, size // 8, size // 8, generator=g)
-    context = torch.randn(2, 77, context_dim, generator=g)
-    return x, torch.full((2,), UNET_TIMESTEP), context
+    x = torch.randn(2, 4, job.size // 8, job.size // 8, generator=g)
+    context = torch.randn(2, 77, job.context_dim, generator=g)
+    return x.to(job.torch_dtype), torch.full((2,), UNET_TIMESTEP), context.to(job.torch_dtype)
 
 
 def vae_latent(size: int) -> torch.Tensor:
@@ -81,3 +86,8 @@ def txt2img_noise(size: int) -> torch.Tensor:
 
 def save_output(job: Job, out: torch.Tensor) -> None:
     torch.save(out.detach().float().cpu().contiguous(), Path(job.output))
+
+
+def load_output(job: Job) -> torch.Tensor:
+    """The tensor `save_output` wrote; weights_only, so a planted pickle could not run code."""
+    return torch.load(Path(job.output), weights_only=True)

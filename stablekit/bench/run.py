@@ -17,7 +17,7 @@ import torch
 
 from ..checkpoint import cache_dir
 from .diffusers_side import MISSING
-from .inputs import PARTS, SEED, SIDES, Job
+from .inputs import PARTS, SEED, SIDES, Job, load_output
 from .report import GB, format_table, machine_info, max_abs_diff, psnr
 from .weights import SHAPES, checkpoint_for, shapes_config
 
@@ -162,13 +162,13 @@ def compare(jobs: list[Job], results: list[dict]) -> tuple[list[dict], dict]:
         if len(ok) == 2:
             (jk, rk), (jd, rd) = ok["stablekit"], ok["diffusers"]
             row["speedup"] = rd["median_s"] / rk["median_s"]
-            row["max_abs_diff"] = max_abs_diff(torch.load(jk.output), torch.load(jd.output))
+            row["max_abs_diff"] = max_abs_diff(load_output(jk), load_output(jd))
         rows.append(row)
     quality = {}
     for side in SIDES:
         pair = [by_key.get(("txt2img", d, side)) for d in ("fp32", "bf16")]
         if all(p is not None and "error" not in p[1] for p in pair):
-            quality[side] = psnr(torch.load(pair[0][0].output), torch.load(pair[1][0].output))
+            quality[side] = psnr(load_output(pair[0][0]), load_output(pair[1][0]))
     return rows, quality
 
 

@@ -25,13 +25,10 @@ def prepare(job: Job) -> Prepared:
     import stablekit
     from stablekit.pipeline import steps
 
-    # Only the flags a job needs, so a plain run also works on an engine without them.
-    options = {"vae_tiling": True} if job.vae_tiling else {}
-    if job.compile and job.part in ("unet", "txt2img", "large"):
-        options["compile"] = True
+    options = {"vae_tiling": job.vae_tiling, "compile": job.compiles_unet}
     engine = stablekit.load(job.checkpoint, dtype=job.dtype, device="cpu", **options)
     model = engine.context.model
-    flags = "".join(f", {k}=True" for k in options)
+    flags = "".join(f", {k}=True" for k, on in options.items() if on)
     loaded = f"stablekit.load(single file, dtype={job.dtype}{flags})"
 
     if job.part == "text":
@@ -41,8 +38,7 @@ def prepare(job: Job) -> Prepared:
         return Prepared(text, text, f"{loaded}; steps.encode_prompt([prompt, negative]): tokenizer + CLIP, batch 2")
 
     if job.part == "unet":
-        x, t, context = unet_inputs(job.size, job.context_dim)
-        x, context = x.to(job.torch_dtype), context.to(job.torch_dtype)
+        x, t, context = unet_inputs(job)
 
         @torch.inference_mode()
         def unet() -> torch.Tensor:

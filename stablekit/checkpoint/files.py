@@ -101,9 +101,12 @@ def _read_safetensors(path: Path) -> Mapping[str, torch.Tensor]:
         begin, end = table[key]["data_offsets"]
         return start + int(begin), start + int(end)
 
-    def read(key: str) -> torch.Tensor:
+    def shape_of(key: str) -> tuple[tuple[int, ...], torch.dtype]:
         entry = table[key]
-        dtype, shape = _SAFETENSORS_DTYPES[entry["dtype"]], [int(d) for d in entry["shape"]]
+        return tuple(int(d) for d in entry["shape"]), _SAFETENSORS_DTYPES[entry["dtype"]]
+
+    def read(key: str) -> torch.Tensor:
+        shape, dtype = shape_of(key)
         begin, end = span(key)
         if begin == end:
             return torch.empty(shape, dtype=dtype)
@@ -116,10 +119,6 @@ def _read_safetensors(path: Path) -> Mapping[str, torch.Tensor]:
         first, last = -(-begin // PAGE) * PAGE, end // PAGE * PAGE  # whole pages inside the tensor only
         if mm is not None and last > first:
             mm.madvise(mmap.MADV_DONTNEED, first, last - first)
-
-    def shape_of(key: str) -> tuple[tuple[int, ...], torch.dtype]:
-        entry = table[key]
-        return tuple(int(d) for d in entry["shape"]), _SAFETENSORS_DTYPES[entry["dtype"]]
 
     return _LazyTensors(list(table), shape_of, read, release)
 

@@ -48,6 +48,19 @@ def _ramp(length: int, fade_before: int, fade_after: int) -> torch.Tensor:
     return w
 
 
+def _axis_weights(size: int, tile: int, overlap: int, scale: float) -> list[tuple[int, int, torch.Tensor]]:
+    """(input offset, output offset, weights along this axis) of each tile: ramps over the overlaps with its
+    neighbours, measured in output pixels; none at the picture's border."""
+    starts = tile_starts(size, tile, overlap)
+    length = round(min(tile, size) * scale)
+    axis = []
+    for k, start in enumerate(starts):
+        before = starts[k - 1] + tile - start if k > 0 else 0
+        after = start + tile - starts[k + 1] if k + 1 < len(starts) else 0
+        axis.append((start, round(start * scale), _ramp(length, round(before * scale), round(after * scale))))
+    return axis
+
+
 def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int, scale: float) -> torch.Tensor:
     """Apply `fn` (which scales height and width by `scale`) tile by tile to x [B, C, H, W] and blend.
 
@@ -55,28 +68,18 @@ def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int
     the output), so the result moves smoothly from one tile to the next.
     """
     h, w = x.shape[-2:]
-    ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
-    if len(ys) == 1 and len(xs) == 1:
+    rows, cols = _axis_weights(h, tile, overlap, scale), _axis_weights(w, tile, overlap, scale)
+    if len(rows) == 1 and len(cols) == 1:
         return fn(x)
     out: torch.Tensor | None = None
     weight = torch.zeros(round(h * scale), round(w * scale), device=x.device)
-    for i, y0 in enumerate(ys):
-        for j, x0 in enumerate(xs):
+    for y0, oy, wy in rows:
+        for x0, ox, wx in cols:
             part = fn(x[..., y0:y0 + tile, x0:x0 + tile]).float()
-            if out is None:
-                out = torch.zeros(*part.shape[:2], weight.shape[0], weight.shape[1], device=x.device)
+            if out is None:  # the output's channels are known once fn has run
+                out = torch.zeros(*part.shape[:2], *weight.shape, device=x.device)
             th, tw = part.shape[-2:]
-            oy, ox = round(y0 * scale), round(x0 * scale)
-
-            def fades(k: int, starts: list[int]) -> tuple[int, int]:
-                # overlap with the previous and the next tile, in output pixels (0 at the picture's border)
-                before = (starts[k - 1] + tile - starts[k]) if k > 0 else 0
-                after = (starts[k] + tile - starts[k + 1]) if k + 1 < len(starts) else 0
-                return round(before * scale), round(after * scale)
-
-            wy = _ramp(th, *fades(i, ys)).to(x.device)
-            wx = _ramp(tw, *fades(j, xs)).to(x.device)
-            wt = wy[:, None] * wx[None, :]
+            wt = (wy[:, None] * wx[None, :]).to(x.device)
             out[..., oy:oy + th, ox:ox + tw] += part * wt
             weight[oy:oy + th, ox:ox + tw] += wt
     assert out is not None
