@@ -11,8 +11,35 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 Family = Literal["sd1", "sd2"]
-Variant = Literal["base", "inpaint"]
 Prediction = Literal["eps", "v"]
+ExtraInputs = Literal["none", "inpaint", "depth", "lowres"]
+
+
+@dataclass(frozen=True)
+class InputKind:
+    """What a model kind feeds the UNet besides the noisy latent, read off its input channels."""
+
+    name: ExtraInputs
+    channels: int  # extra input channels after the latent's
+    variant: str  # what `stablekit info` calls it
+    suffix: str  # model names: sd1-inpainting, sd2-depth
+    what: str  # for messages
+
+
+INPUT_KINDS: dict[str, InputKind] = {k.name: k for k in (
+    InputKind("none", 0, "base", "", "a base model"),
+    InputKind("inpaint", 5, "inpaint", "-inpainting", "an inpainting model (mask + masked-picture latent)"),
+    InputKind("depth", 1, "depth", "-depth", "a depth model (depth map)"),
+    InputKind("lowres", 3, "upscaler", "-x4-upscaler", "an upscaler (low-resolution picture)"),
+)}
+
+# The web UI's "Approx cheap" latent -> RGB map for SD 1.x / 2.x latents: [4 latent channels][3 colours].
+SD_PREVIEW_RGB = (
+    (0.298, 0.207, 0.208),
+    (0.187, 0.286, 0.173),
+    (-0.158, 0.189, 0.264),
+    (-0.184, -0.271, -0.473),
+)
 
 
 @dataclass(frozen=True)
@@ -53,6 +80,11 @@ class UNetConfig:
     context_dim: int = 768
     use_linear_in_transformer: bool = False  # SD 2: Linear proj_in/out instead of 1x1 conv
     norm_groups: int = 32  # GroupNorm groups (diffusers' norm_num_groups); small models need fewer
+    # The optional vector input added to the time embedding (LDM `label_emb`): class labels through an
+    # embedding table (num_classes, e.g. the x4 upscaler's noise level) or a float vector through two
+    # linear layers (adm_in_channels, LDM num_classes="sequential", e.g. SDXL's pooled text + sizes).
+    num_classes: int = 0
+    adm_in_channels: int = 0
 
     def heads_for(self, channels: int) -> int:
         if self.num_head_channels > 0:
@@ -72,8 +104,12 @@ class VAEConfig:
     ch_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     z_channels: int = 4
-    scale_factor: float = 0.18215
     norm_groups: int = 32  # GroupNorm groups (diffusers' norm_num_groups)
+    # The latent format: the sampler's latent is (VAE latent - shift_factor) * scale_factor, and
+    # preview_rgb maps it to colours for cheap live previews.
+    scale_factor: float = 0.18215
+    shift_factor: float = 0.0
+    preview_rgb: tuple[tuple[float, float, float], ...] = SD_PREVIEW_RGB
 
     @property
     def downscale(self) -> int:
@@ -93,7 +129,7 @@ class ScheduleConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     family: Family
-    variant: Variant
+    inputs: ExtraInputs  # extra UNet input channels (INPUT_KINDS), set by detection from the UNet's
     prediction: Prediction
     text: TextEncoderConfig
     unet: UNetConfig
@@ -101,15 +137,18 @@ class ModelConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     resolution: int = 512  # the picture size it was trained at: the default width and height
 
+    @property
+    def kind(self) -> InputKind:
+        return INPUT_KINDS[self.inputs]
+
+    @property
+    def variant(self) -> str:
+        return self.kind.variant
 
     @property
     def name(self) -> str:
-        suffix = "-inpainting" if self.variant == "inpaint" else ""
         v = "-v" if self.prediction == "v" else ""
-        return f"{self.family}{suffix}{v}"
-
-    def with_prediction(self, prediction: Prediction) -> ModelConfig:
-        return replace(self, prediction=prediction)
+        return f"{self.family}{self.kind.suffix}{v}"
 
 
 SD1_TEXT = TextEncoderConfig()
@@ -118,9 +157,9 @@ SD1_UNET = UNetConfig()
 SD2_UNET = UNetConfig(num_heads=-1, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
 
 PRESETS: dict[str, ModelConfig] = {
-    "sd1": ModelConfig("sd1", "base", "eps", SD1_TEXT, SD1_UNET, VAEConfig()),
+    "sd1": ModelConfig("sd1", "none", "eps", SD1_TEXT, SD1_UNET, VAEConfig()),
     "sd1-inpainting": ModelConfig("sd1", "inpaint", "eps", SD1_TEXT, replace(SD1_UNET, in_channels=9), VAEConfig()),
-    "sd2": ModelConfig("sd2", "base", "eps", SD2_TEXT, SD2_UNET, VAEConfig()),
-    "sd2-v": ModelConfig("sd2", "base", "v", SD2_TEXT, SD2_UNET, VAEConfig()),
+    "sd2": ModelConfig("sd2", "none", "eps", SD2_TEXT, SD2_UNET, VAEConfig()),
+    "sd2-v": ModelConfig("sd2", "none", "v", SD2_TEXT, SD2_UNET, VAEConfig()),
     "sd2-inpainting": ModelConfig("sd2", "inpaint", "eps", SD2_TEXT, replace(SD2_UNET, in_channels=9), VAEConfig()),
 }

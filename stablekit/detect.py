@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from .config import (
+    INPUT_KINDS,
     SD1_UNET,
     SD2_UNET,
+    InputKind,
     ModelConfig,
     Prediction,
     TextEncoderConfig,
@@ -101,6 +103,8 @@ def detect_unet(sd: Mapping, hints: Hints) -> UNetConfig:
         context_dim=context_dim,
         use_linear_in_transformer=use_linear,
         norm_groups=hints.unet_norm_groups or 32,
+        num_classes=sd[p + "label_emb.weight"].shape[0] if p + "label_emb.weight" in sd else 0,
+        adm_in_channels=sd[p + "label_emb.0.0.weight"].shape[1] if p + "label_emb.0.0.weight" in sd else 0,
     )
 
 
@@ -113,7 +117,7 @@ def detect_vae(sd: Mapping, hints: Hints) -> VAEConfig:
     z = _shape(sd, VAE + "decoder.conv_in.weight")[1]
     out_ch = _shape(sd, VAE + "decoder.conv_out.weight")[0]
     scale = hints.vae_scale_factor if hints.vae_scale_factor is not None else VAEConfig.scale_factor
-    return VAEConfig(in_ch, out_ch, ch, mults, num_res, z, scale, hints.vae_norm_groups or 32)
+    return VAEConfig(in_ch, out_ch, ch, mults, num_res, z, norm_groups=hints.vae_norm_groups or 32, scale_factor=scale)
 
 
 def detect_text(sd: Mapping, hints: Hints) -> TextEncoderConfig:
@@ -154,15 +158,18 @@ def detect(sd: Mapping, hints: Hints = Hints()) -> ModelConfig:
     if text.width != unet.context_dim:
         raise CheckpointError(f"text encoder width {text.width} does not match UNet context width {unet.context_dim}")
     family = "sd2" if text.layout == "openclip" else "sd1"
-    if unet.in_channels == 9:
-        variant = "inpaint"
-    elif unet.in_channels == 4:
-        variant = "base"
-    else:
-        raise CheckpointError(
-            f"UNet has {unet.in_channels} input channels; supported are 4 (base) and 9 (inpainting)"
-        )
-    return ModelConfig(family, variant, hints.prediction or "eps", text, unet, detect_vae(sd, hints))
+    vae = detect_vae(sd, hints)
+    return ModelConfig(family, input_kind(unet, vae).name, hints.prediction or "eps", text, unet, vae)
+
+
+def input_kind(unet: UNetConfig, vae: VAEConfig) -> InputKind:
+    """The model kind from the UNet's input channels beyond the latent's (INPUT_KINDS)."""
+    extra = unet.in_channels - vae.z_channels
+    kinds = {k.channels: k for k in INPUT_KINDS.values()}
+    if extra not in kinds:
+        known = ", ".join(f"{vae.z_channels + k.channels} ({k.variant})" for k in INPUT_KINDS.values())
+        raise CheckpointError(f"UNet has {unet.in_channels} input channels; known are {known}")
+    return kinds[extra]
 
 
 def unused_keys(key: str, cfg: ModelConfig) -> bool:

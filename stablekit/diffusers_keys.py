@@ -57,6 +57,8 @@ def unet_to_ldm(keys: Iterable[str], layers_per_block: int) -> dict[str, Recipe]
         (r"conv_in\.(.+)", lambda r: f"input_blocks.0.0.{r}"),
         (r"time_embedding\.linear_1\.(.+)", lambda r: f"time_embed.0.{r}"),
         (r"time_embedding\.linear_2\.(.+)", lambda r: f"time_embed.2.{r}"),
+        (r"class_embedding\.weight", lambda: "label_emb.weight"),  # num_class_embeds: an embedding table
+        (r"(?:add|class)_embedding\.linear_([12])\.(.+)", lambda n, r: f"label_emb.0.{2 * (int(n) - 1)}.{r}"),
         (r"down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(.+)",
          lambda i, j, p, r: f"input_blocks.{1 + int(i) * (L + 1) + int(j)}.0.{res(p, r)}"),
         (r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)",

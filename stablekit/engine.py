@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -11,13 +12,15 @@ from PIL import Image
 from . import __version__
 from .checkpoint import LoadedModel, load_model
 from .config import ModelConfig, Prediction
+from .detect import CheckpointError
 from .diffusion.samplers import Callback
 from .diffusion.schedule import ModelSchedule
-from .images import fit_picture, infotext, to_pil, to_tensor
+from .images import infotext, to_pil
 from .models.tokenizer import CLIPTokenizer
 from .models.vae_tiling import Tiling
 from .params import GenerationParams
-from .pipeline import editing, tasks
+from .pipeline import tasks
+from .pipeline.conditioning import TaskContext
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -58,14 +61,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class Engine:
-    """Load once, generate many: `engine = stablekit.load(path)`; `engine.txt2img(prompt=...)`."""
+    """Load once, generate many: `engine = stablekit.load(path)`; `engine.txt2img(prompt=...)`.
+
+    Every task of the table (`pipeline.tasks.TASKS`) runs through `run(task, ...)`; the named
+    methods are short spellings of it.
+    """
 
     def __init__(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype, quantize_timesteps: bool = False):
+        cfg = loaded.config
+        if not tasks.runnable(cfg):
+            raise CheckpointError(f"this is {cfg.kind.what}; no task here runs it yet")
         self.loaded = loaded
         self.device = device
         self.dtype = dtype
-        cfg = loaded.config
-        self.context = tasks.TaskContext(
+        self.context = TaskContext(
             loaded.model, CLIPTokenizer(pad_id=cfg.text.pad_id), ModelSchedule(cfg.schedule), device, dtype,
             quantize_timesteps,
         )
@@ -78,10 +87,71 @@ class Engine:
     def config(self) -> ModelConfig:
         return self.loaded.config
 
-    def complete(self, params: GenerationParams) -> GenerationParams:
-        """Validated params with the model's resolution where width or height is None, and a concrete seed."""
-        size = self.config.resolution
-        return replace(params, width=params.width or size, height=params.height or size).validated()
+    def complete(self, params: GenerationParams, task: str = "txt2img", inputs: dict[str, Any] | None = None,
+                 ) -> GenerationParams:
+        """Validated params with a concrete seed and the task's working size (see Task.working_size)."""
+        width, height = tasks.find_task(task).working_size(params, inputs or {}, self.config.resolution)
+        return replace(params, width=width, height=height).validated()
+
+    def run_tensor(
+        self, task: str, params: GenerationParams, *, noise: torch.Tensor | None = None,
+        callback: Callback | None = None, **inputs: Any,
+    ) -> tuple[torch.Tensor, GenerationParams]:
+        """Float pictures [B, 3, H, W] in [0, 1] and the validated params (with the concrete seed).
+
+        `inputs` are the task's own (image, mask, ...); `noise` [B, 4, H/8, W/8] replaces the seeded noise.
+        """
+        t = tasks.find_task(task)
+        given = t.check_inputs(inputs)
+        p = self.complete(params, task, given)
+        return tasks.run_task(self.context, t, p, given, noise, callback), p
+
+    def run(
+        self, task: str, params: GenerationParams | None = None, *, noise: torch.Tensor | None = None,
+        callback: Callback | None = None, **inputs_and_fields: Any,
+    ) -> list[Image.Image]:
+        """PIL pictures, each carrying its A1111 infotext in `image.info["parameters"]`.
+
+        Keyword arguments are the task's inputs (image, mask, ...) or GenerationParams fields,
+        which override `params` (default: GenerationParams with the task's own defaults).
+        """
+        t = tasks.find_task(task)
+        names = {f.name for f in fields(GenerationParams)}
+        overrides = {k: v for k, v in inputs_and_fields.items() if k in names}
+        inputs = {k: v for k, v in inputs_and_fields.items() if k not in names}
+        params = replace(params or GenerationParams(**t.defaults), **overrides)
+        pictures, p = self.run_tensor(task, params, noise=noise, callback=callback, **inputs)
+        return self._with_infotext(pictures, p, t.infotext(p, self.config))
+
+    def txt2img_tensor(self, params: GenerationParams, **kw: Any) -> tuple[torch.Tensor, GenerationParams]:
+        return self.run_tensor("txt2img", params, **kw)
+
+    def txt2img(self, params: GenerationParams | None = None, **kw: Any) -> list[Image.Image]:
+        return self.run("txt2img", params, **kw)
+
+    def img2img_tensor(self, image: Image.Image, params: GenerationParams, **kw: Any) -> tuple[torch.Tensor, GenerationParams]:
+        """`image` fitted to the params' size with their resize mode, then img2img; see run_tensor."""
+        return self.run_tensor("img2img", params, image=image, **kw)
+
+    def img2img(self, image: Image.Image, params: GenerationParams | None = None, **kw: Any) -> list[Image.Image]:
+        return self.run("img2img", params, image=image, **kw)
+
+    def inpaint_tensor(
+        self, image: Image.Image, mask: Image.Image, params: GenerationParams, **kw: Any
+    ) -> tuple[torch.Tensor, GenerationParams]:
+        """Inpaint `image` where `mask` is white (or transparent); pixels outside it are pasted back.
+
+        With inpaint_area "masked" the result has the picture's own size; otherwise width x height.
+        """
+        return self.run_tensor("inpaint", params, image=image, mask=mask, **kw)
+
+    def inpaint(self, image: Image.Image, mask: Image.Image, params: GenerationParams | None = None,
+                **kw: Any) -> list[Image.Image]:
+        return self.run("inpaint", params, image=image, mask=mask, **kw)
+
+    def outpaint(self, image: Image.Image, params: GenerationParams | None = None, **kw: Any) -> list[Image.Image]:
+        """Extend the canvas (left=, right=, top=, bottom= pixels; fill= edges or noise) and inpaint the new area."""
+        return self.run("outpaint", params, image=image, **kw)
 
     def _infotext(self, p: GenerationParams, seed: int, extra: dict[str, object] | None = None) -> str:
         fields = {
@@ -100,81 +170,6 @@ class Engine:
             "Version": f"stablekit {__version__}",
         }
         return infotext(p.prompt, p.negative_prompt, fields)
-
-    def txt2img_tensor(
-        self, params: GenerationParams, *, noise: torch.Tensor | None = None, callback: Callback | None = None
-    ) -> tuple[torch.Tensor, GenerationParams]:
-        """Float pictures [B, 3, H, W] in [0, 1] and the validated params (with the concrete seed)."""
-        p = self.complete(params)
-        return tasks.txt2img(self.context, p, noise=noise, callback=callback), p
-
-    def txt2img(
-        self, params: GenerationParams | None = None, *, noise: torch.Tensor | None = None,
-        callback: Callback | None = None, **fields,
-    ) -> list[Image.Image]:
-        """PIL pictures, each carrying its A1111 infotext in `image.info["parameters"]`."""
-        params = replace(params or GenerationParams(), **fields)
-        pictures, p = self.txt2img_tensor(params, noise=noise, callback=callback)
-        return self._with_infotext(pictures, p)
-
-    def img2img_tensor(
-        self, image: Image.Image, params: GenerationParams, *, noise: torch.Tensor | None = None,
-        callback: Callback | None = None,
-    ) -> tuple[torch.Tensor, GenerationParams]:
-        """`image` fitted to the params' size with their resize mode, then img2img; see txt2img_tensor."""
-        p = self.complete(params)
-        picture = to_tensor(fit_picture(image, p.width, p.height, p.resize_mode))
-        return tasks.img2img(self.context, p, picture.to(self.device), noise=noise, callback=callback), p
-
-    def img2img(
-        self, image: Image.Image, params: GenerationParams | None = None, *, noise: torch.Tensor | None = None,
-        callback: Callback | None = None, **fields,
-    ) -> list[Image.Image]:
-        params = replace(params or GenerationParams(), **fields)
-        pictures, p = self.img2img_tensor(image, params, noise=noise, callback=callback)
-        return self._with_infotext(pictures, p, {"Denoising strength": p.denoising_strength})
-
-    def inpaint_tensor(
-        self, image: Image.Image, mask: Image.Image, params: GenerationParams, *,
-        noise: torch.Tensor | None = None, callback: Callback | None = None, resize_mask: bool = False,
-    ) -> tuple[torch.Tensor, GenerationParams]:
-        """Inpaint `image` where `mask` is white (or transparent); pixels outside it are pasted back.
-
-        With inpaint_area "masked" the result has the picture's own size; otherwise width x height.
-        """
-        p = self.complete(params)
-        pictures = editing.inpaint_pictures(self.context, p, image, mask, noise=noise, callback=callback,
-                                            resize_mask=resize_mask)
-        return pictures, p
-
-    def inpaint(
-        self, image: Image.Image, mask: Image.Image, params: GenerationParams | None = None, *,
-        noise: torch.Tensor | None = None, callback: Callback | None = None, resize_mask: bool = False, **fields,
-    ) -> list[Image.Image]:
-        params = replace(params or GenerationParams(denoising_strength=1.0), **fields)
-        pictures, p = self.inpaint_tensor(image, mask, params, noise=noise, callback=callback, resize_mask=resize_mask)
-        extra = {
-            "Denoising strength": p.denoising_strength,
-            "Conditional mask weight": p.mask_strength if self.config.variant == "inpaint" else None,
-            "Mask blur": p.mask_blur,
-            "Mask mode": "Inpaint not masked" if p.invert_mask else None,
-            "Masked content": p.masked_content.replace("-", " "),
-            "Inpaint area": "Only masked" if p.inpaint_area == "masked" else None,
-            "Masked area padding": p.inpaint_padding if p.inpaint_area == "masked" else None,
-            "Soft inpainting": True if p.soft_inpainting else None,
-            "Inpaint method": p.inpaint_method if p.inpaint_method != "auto" else None,
-        }
-        return self._with_infotext(pictures, p, extra)
-
-    def outpaint(
-        self, image: Image.Image, *, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0,
-        fill: str = "edges", params: GenerationParams | None = None, callback: Callback | None = None, **fields,
-    ) -> list[Image.Image]:
-        """Extend the canvas, fill the new area with edge colours or noise, and inpaint it."""
-        canvas, mask = editing.outpaint_canvas(image, left, right, top, bottom, fill)
-        base = params or GenerationParams(denoising_strength=1.0, masked_content="original")
-        fields = {"width": canvas.width, "height": canvas.height, **fields}
-        return self.inpaint(canvas, mask, base, callback=callback, **fields)
 
     def _with_infotext(
         self, pictures: torch.Tensor, p: GenerationParams, extra: dict[str, object] | None = None

@@ -1,9 +1,15 @@
-"""GenerationParams: the one parameter schema shared by the CLI, the Python API and (later) HTTP."""
+"""GenerationParams: the one parameter schema shared by the CLI, the Python API and HTTP.
+
+Each field is declared once, with its help text, its command-line flags and where it sits in a
+web-UI API request (`Setting`); the CLI and the HTTP mapping are derived from these declarations,
+and a test checks that every field is reachable from both under the web UI's name where it has one.
+"""
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping
 
 from .diffusion.samplers import SamplerSpec, find_sampler
 from .diffusion.schedule import SCHEDULE_LABELS, resolve_schedule
@@ -11,38 +17,85 @@ from .images import RESIZE_MODES
 from .masks import MASKED_CONTENT
 
 INPAINT_METHODS = ("auto", "blend", "model")
+INPAINT_AREAS = ("whole", "masked")
 
 MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
+class Api:
+    """Where a field sits in a web-UI API request.
+
+    key: the request field (or, with where="override", the `override_settings` key) holding it;
+    own: stablekit's own name, for a field the web UI has no counterpart of; values: the web UI's
+    value -> ours, for its numbered or boolean enumerations.
+    """
+
+    key: str
+    where: str = "body"  # body | override
+    own: bool = False
+    values: Mapping[Any, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A field's declaration: help, command-line flags (default --field-name) and API place."""
+
+    help: str
+    api: Api
+    flags: tuple[str, ...] = ()
+    choices: tuple[str, ...] | None = None
+    type: type | None = None  # for fields whose default is None
+
+
+def _f(default: Any, help: str, api: Api, **kw: Any) -> Any:
+    return field(default=default, metadata={"setting": Setting(help, api, **kw)})
+
+
+@dataclass(frozen=True)
 class GenerationParams:
-    prompt: str = ""
-    negative_prompt: str = ""
-    steps: int = 20
-    cfg_scale: float = 7.0
-    sampler: str = "DPM++ 2M"
-    scheduler: str = "automatic"
-    seed: int = -1  # -1: random
-    width: int | None = None  # None: the model's own resolution (512 for SD 1.x), filled in by the Engine
-    height: int | None = None
-    batch_size: int = 1
-    clip_skip: int = 1  # A1111 numbering: 1 = last layer
-    eta: float | None = None  # ancestral/DDIM noise; None = the sampler's default
-    s_noise: float = 1.0  # noise multiplier of ancestral and SDE samplers
-    guidance_rescale: float = 0.0  # phi of Lin et al. 2023 (diffusers' guidance_rescale); 0 = off
-    denoising_strength: float = 0.75  # img2img: how much of the schedule runs (0 keeps the picture)
-    resize_mode: str = "just-resize"  # img2img: how a picture of another size is fitted
-    # inpainting (web-UI names: mask_blur, inpainting_fill, inpainting_mask_weight)
-    mask_blur: float = 4.0  # Gaussian sigma in pixels of the mask's soft edge
-    invert_mask: bool = False
-    inpaint_method: str = "auto"  # blend (any model), model (9-channel inpainting model), auto
-    masked_content: str = "original"  # fill, original, latent-noise, latent-nothing
-    mask_strength: float = 1.0  # 9-channel models: how much of the masked picture is hidden from the model
-    paste_back: bool = True  # outside the mask, the output's pixels are the input's
-    inpaint_area: str = "whole"  # whole picture, or "masked": a box around the mask at full resolution
-    inpaint_padding: int = 32  # pixels around the mask's box for "masked"
-    soft_inpainting: bool = False  # the (greyscale) mask is a per-pixel denoising strength
+    prompt: str = _f("", "what to draw", Api("prompt"), flags=("--prompt", "-p"))
+    negative_prompt: str = _f("", "what to steer away from", Api("negative_prompt"),
+                              flags=("--negative-prompt", "-n"))
+    steps: int = _f(20, "sampling steps", Api("steps"))
+    cfg_scale: float = _f(7.0, "classifier-free guidance scale", Api("cfg_scale"))
+    sampler: str = _f("DPM++ 2M", 'e.g. "DPM++ 2M", "Euler a", ddim (see: stablekit samplers)', Api("sampler_name"))
+    scheduler: str = _f("automatic", "automatic, karras, ... (see: stablekit samplers)", Api("scheduler"))
+    seed: int = _f(-1, "-1 = random; image i uses seed + i", Api("seed"))
+    # None: the model's own resolution (512 for SD 1.x), filled in by the Engine
+    width: int | None = _f(None, "multiple of 8", Api("width"), type=int)
+    height: int | None = _f(None, "multiple of 8", Api("height"), type=int)
+    batch_size: int = _f(1, "pictures per run", Api("batch_size"))
+    clip_skip: int = _f(1, "text-encoder layers to skip from the end (1 = none, the web UI's numbering)",
+                        Api("CLIP_stop_at_last_layers", where="override"))
+    eta: float | None = _f(None, "noise of ancestral samplers and DDIM (default: the sampler's)", Api("eta"),
+                           type=float)
+    s_noise: float = _f(1.0, "noise multiplier of ancestral/SDE samplers", Api("s_noise"))
+    guidance_rescale: float = _f(0.0, "CFG rescale phi (Lin et al. 2023), 0..1; 0.7 suits zero-terminal-SNR v-models",
+                                 Api("guidance_rescale", own=True))  # diffusers' name; the web UI core has none
+    # img2img
+    denoising_strength: float = _f(0.75, "0 keeps the picture, 1 repaints it entirely", Api("denoising_strength"),
+                                   flags=("--strength", "--denoising-strength"))
+    resize_mode: str = _f("just-resize", "how a picture of another size is fitted to --width/--height",
+                          Api("resize_mode", values=dict(enumerate(RESIZE_MODES))), choices=RESIZE_MODES)
+    # inpainting
+    mask_blur: float = _f(4.0, "soft edge of the mask, Gaussian sigma in pixels", Api("mask_blur"))
+    invert_mask: bool = _f(False, "repaint the black part instead", Api("inpainting_mask_invert",
+                                                                         values={0: False, 1: True}))
+    inpaint_method: str = _f("auto", "blend (any model), model (9-channel inpainting checkpoints), auto",
+                             Api("inpainting_method", own=True), flags=("--method",), choices=INPAINT_METHODS)
+    masked_content: str = _f("original", "what the masked region starts as",
+                             Api("inpainting_fill", values=dict(enumerate(MASKED_CONTENT))), choices=MASKED_CONTENT)
+    mask_strength: float = _f(1.0, "inpainting models: how much of the masked picture is hidden from the model",
+                              Api("inpainting_mask_weight", where="override"))
+    paste_back: bool = _f(True, "outside the mask, the output's pixels are the input's", Api("paste_back", own=True),
+                          flags=("--no-paste-back",))
+    inpaint_area: str = _f("whole", "masked: generate a box around the mask at full --width x --height and put it back",
+                           Api("inpaint_full_res", values={False: "whole", True: "masked"}), choices=INPAINT_AREAS)
+    inpaint_padding: int = _f(32, "pixels around the mask's box for --inpaint-area masked",
+                              Api("inpaint_full_res_padding"), flags=("--padding",))
+    soft_inpainting: bool = _f(False, "use the greyscale mask as per-pixel denoising strength",
+                               Api("soft_inpainting", own=True), flags=("--soft",))
 
     def validated(self) -> GenerationParams:
         """Check every field; returns a copy with names canonicalised and a concrete seed."""
@@ -78,7 +131,7 @@ class GenerationParams:
             raise ValueError(f"unknown inpainting method '{self.inpaint_method}'; choose from {', '.join(INPAINT_METHODS)}")
         if self.masked_content not in MASKED_CONTENT:
             raise ValueError(f"unknown masked content '{self.masked_content}'; choose from {', '.join(MASKED_CONTENT)}")
-        if self.inpaint_area not in ("whole", "masked"):
+        if self.inpaint_area not in INPAINT_AREAS:
             raise ValueError(f"unknown inpaint area '{self.inpaint_area}'; choose whole or masked")
         if not isinstance(self.inpaint_padding, int) or not 0 <= self.inpaint_padding <= 4096:
             raise ValueError(f"padding must be a whole number of pixels from 0 to 4096, got {self.inpaint_padding}")
@@ -137,3 +190,8 @@ class GenerationParams:
         if "s_noise" in self.sampler_spec.options:
             options["s_noise"] = self.s_noise
         return options
+
+
+def settings() -> dict[str, Setting]:
+    """Every field's declaration, by field name, in declaration order."""
+    return {f.name: f.metadata["setting"] for f in fields(GenerationParams)}

@@ -40,16 +40,16 @@ def tiny_config(family: str) -> ModelConfig:
     vae = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
     if family == "sd1-inpaint":  # the 9-channel inpainting UNet: noisy latent + mask + masked-picture latent
         base = tiny_config("sd1")
-        return replace(base, variant="inpaint", unet=replace(base.unet, in_channels=9))
+        return replace(base, inputs="inpaint", unet=replace(base.unet, in_channels=9))
     if family == "sd1":
         text = TextEncoderConfig("clip", width=128, layers=2, heads=2, mlp_width=256)
         unet = UNetConfig(model_channels=32, channel_mult=(1, 1, 2, 2), num_res_blocks=2, attention_levels=(0, 1, 2),
                           num_heads=8, context_dim=128)
-        return ModelConfig("sd1", "base", "eps", text, unet, vae)
+        return ModelConfig("sd1", "none", "eps", text, unet, vae)
     text = TextEncoderConfig("openclip", width=128, layers=2, heads=2, mlp_width=256)
     unet = UNetConfig(model_channels=32, channel_mult=(1, 1, 2, 2), num_res_blocks=1, attention_levels=(0, 1, 2),
                       num_heads=-1, num_head_channels=16, context_dim=128, use_linear_in_transformer=True)
-    return ModelConfig("sd2", "base", "v", text, unet, vae)
+    return ModelConfig("sd2", "none", "v", text, unet, vae)
 
 
 @torch.no_grad()

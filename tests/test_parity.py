@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import stablekit
+from stablekit.diffusion.cond import Cond
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -76,7 +77,7 @@ def test_unet(pair):
     ctx = torch.randn(2, 77, tiny.config.text.width, generator=g)
     t = torch.tensor([999.0, 37.0])
     with torch.no_grad():
-        ours = engine.loaded.model.unet(x, t, ctx)
+        ours = engine.loaded.model.unet(x, t, Cond(ctx))
         ref = pipe.unet(x, t, encoder_hidden_states=ctx).sample
     assert ours.abs().max() > 0.1  # the comparison below is not between two near-zero tensors
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)

@@ -17,7 +17,7 @@ import torch
 import stablekit
 from stablekit.diffusion.samplers import find_sampler
 from stablekit.diffusion.schedule import SCHEDULES, ModelSchedule, make_sigmas
-from stablekit.pipeline.tasks import sampler_sigmas
+from stablekit.pipeline.steps import sampler_sigmas
 
 from .test_parity import (
     NEGATIVE,

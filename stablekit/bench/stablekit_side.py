@@ -23,7 +23,8 @@ class Prepared:
 
 def prepare(job: Job) -> Prepared:
     import stablekit
-    from stablekit.pipeline import steps
+    from stablekit.diffusion.cond import Cond
+    from stablekit.pipeline import conditioning, steps
 
     options = {"vae_tiling": job.vae_tiling, "compile": job.compiles_unet}
     engine = stablekit.load(job.checkpoint, dtype=job.dtype, device="cpu", **options)
@@ -33,18 +34,19 @@ def prepare(job: Job) -> Prepared:
 
     if job.part == "text":
         def text() -> torch.Tensor:
-            return steps.encode_prompt(model, engine.context.tokenizer, [PROMPT, NEGATIVE])
+            return conditioning.encode_text(engine.context, [PROMPT, NEGATIVE])
 
-        return Prepared(text, text, f"{loaded}; steps.encode_prompt([prompt, negative]): tokenizer + CLIP, batch 2")
+        return Prepared(text, text, f"{loaded}; conditioning.encode_text([prompt, negative]): tokenizer + CLIP, batch 2")
 
     if job.part == "unet":
         x, t, context = unet_inputs(job)
+        cond = Cond(context)
 
         @torch.inference_mode()
         def unet() -> torch.Tensor:
-            return model.unet(x, t, context)
+            return model.unet(x, t, cond)
 
-        return Prepared(unet, unet, f"{loaded}; model.unet(x [2,4,{job.size // 8},{job.size // 8}], t, context)")
+        return Prepared(unet, unet, f"{loaded}; model.unet(x [2,4,{job.size // 8},{job.size // 8}], t, Cond(context))")
 
     if job.part == "vae":
         z = vae_latent(job.size)

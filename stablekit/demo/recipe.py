@@ -28,7 +28,7 @@ from .shapes import Scene, caption, random_scene, render
 SIZE = 64  # pictures are 64x64, latents 8x8
 
 DEMO_CONFIG = ModelConfig(
-    "sd1", "base", "eps",
+    "sd1", "none", "eps",
     TextEncoderConfig("clip", width=64, layers=3, heads=1, mlp_width=256),  # heads = width // 64, as detected
     UNetConfig(model_channels=64, channel_mult=(1, 1, 2), num_res_blocks=1, attention_levels=(0, 1, 2),
                num_heads=8, context_dim=64, norm_groups=8),

@@ -15,9 +15,10 @@ from typing import Callable, Protocol
 
 import torch
 
+from .cond import Cond
 from .schedule import ModelSchedule
 
-UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t [B], context) -> out
+UNetFn = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]  # (x, t [B], cond) -> out; a ControlNet wraps one
 
 
 class Denoise(Protocol):
@@ -25,7 +26,7 @@ class Denoise(Protocol):
 
 
 class ModelDenoiser:
-    """Wraps a discrete-time eps- or v-prediction UNet as D(x, sigma, context)."""
+    """Wraps a discrete-time eps- or v-prediction UNet as D(x, sigma, cond)."""
 
     def __init__(
         self,
@@ -41,16 +42,11 @@ class ModelDenoiser:
         self.dtype = dtype
         self.quantize = quantize  # round t to a trained timestep (diffusers' Karras/DPM schedulers do)
 
-    def __call__(
-        self, x: torch.Tensor, sigma: float, context: torch.Tensor, concat: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """x [B,4,h,w] float32 -> x0 estimate [B,4,h,w] float32. `concat`: extra input channels."""
+    def __call__(self, x: torch.Tensor, sigma: float, cond: Cond) -> torch.Tensor:
+        """x [B,4,h,w] float32 -> x0 estimate [B,4,h,w] float32."""
         c_in = (sigma**2 + 1) ** -0.5
         t = torch.full((x.shape[0],), self.schedule.sigma_to_t(sigma, self.quantize), device=x.device)
-        net_in = x * c_in
-        if concat is not None:
-            net_in = torch.cat([net_in, concat.to(net_in.dtype)], dim=1)
-        out = self.unet(net_in.to(self.dtype), t, context.to(self.dtype)).float()
+        out = self.unet((x * c_in).to(self.dtype), t, cond.to(self.dtype)).float()
         return self.x0_from_output(x, sigma, out)
 
     def _skip_out(self, sigma: float) -> tuple[float, float]:
@@ -111,29 +107,30 @@ class SoftMaskedDenoiser:
 class CFGDenoiser:
     """Classifier-free guidance (Ho & Salimans 2022): uncond + scale * (cond - uncond).
 
-    Cond and uncond go through the network as one batch; with scale 1 the uncond half is skipped.
-    `rescale` (phi of Lin et al. 2023, diffusers' guidance_rescale) pulls the guided output's
+    Cond and uncond go through the network as one batch when their shapes allow, otherwise as two
+    calls (a prompt and a negative prompt of different lengths; the web UI's default); with scale 1
+    the uncond half is skipped. `rescale` (phi of Lin et al. 2023, diffusers' guidance_rescale) pulls the guided output's
     standard deviation back towards the conditional one's, against over-exposure.
     """
 
     def __init__(
         self,
         model: ModelDenoiser,
-        cond: torch.Tensor,
-        uncond: torch.Tensor,
+        cond: Cond,
+        uncond: Cond,
         scale: float,
-        concat: torch.Tensor | None = None,
         rescale: float = 0.0,
     ):
-        self.model, self.cond, self.uncond, self.scale, self.concat = model, cond, uncond, scale, concat
-        self.rescale = rescale
+        self.model, self.cond, self.uncond, self.scale, self.rescale = model, cond, uncond, scale, rescale
+        self.batched = Cond.cat([cond, uncond]) if cond.batchable_with(uncond) else None
 
     def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         if self.scale == 1.0:
-            return self.model(x, sigma, self.cond, self.concat)
-        concat = None if self.concat is None else torch.cat([self.concat, self.concat])
-        both = self.model(torch.cat([x, x]), sigma, torch.cat([self.cond, self.uncond]), concat)
-        cond, uncond = both.chunk(2)
+            return self.model(x, sigma, self.cond)
+        if self.batched is not None:
+            cond, uncond = self.model(torch.cat([x, x]), sigma, self.batched).chunk(2)
+        else:
+            cond, uncond = self.model(x, sigma, self.cond), self.model(x, sigma, self.uncond)
         guided = uncond + (cond - uncond) * self.scale
         if self.rescale > 0:
             guided = self._rescaled(x, sigma, cond, guided)

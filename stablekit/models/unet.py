@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import UNetConfig
+from ..diffusion.cond import Cond
 from .attention import attention
 
 
@@ -211,6 +212,7 @@ class UNetModel(nn.Module):
         mc = cfg.model_channels
         emb = mc * 4
         self.time_embed = nn.Sequential(nn.Linear(mc, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.label_emb = _vector_embedding(cfg, emb)
 
         def transformer(ch: int) -> SpatialTransformer:
             return SpatialTransformer(
@@ -249,20 +251,52 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
         set_norm_groups(self, cfg.norm_groups)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x [B, in_ch, h, w], t [B] (float timesteps), context [B, 77, C] -> [B, out_ch, h, w]."""
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, cond: Cond, control: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """x [B, latent ch, h, w], t [B] (float timesteps), cond for B -> [B, out_ch, h, w].
+
+        `cond.concat` is appended to x as input channels, `cond.vector` goes through `label_emb`
+        into the time embedding. `control`: residuals (ControlNet), one per input block in order,
+        then one for the middle block; each is added to the matching skip connection.
+        """
+        if cond.concat is not None:
+            x = torch.cat([x, cond.concat.to(x.dtype)], dim=1)
+        if x.shape[1] != self.cfg.in_channels:
+            raise ValueError(f"the UNet takes {self.cfg.in_channels} input channels, got {x.shape[1]}")
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))
+        if self.label_emb is not None:
+            if cond.vector is None:
+                raise ValueError("this UNet takes a vector input (class label or adm vector) and none was given")
+            emb = emb + self.label_emb(cond.vector).to(emb.dtype)
+        context = cond.crossattn
         skips = []
         h = x
         for block in self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        if control is not None:
+            if len(control) != len(skips) + 1:
+                raise ValueError(f"control has {len(control)} residuals; this UNet takes {len(skips) + 1}")
+            skips = [s + c.to(s.dtype) for s, c in zip(skips, control)]
+            h = h + control[-1].to(h.dtype)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             target = skips[-1].shape[-2:] if skips else None
             h = block(h, emb, context, upsample_size=target)
         return self.out(h)
+
+
+def _vector_embedding(cfg: UNetConfig, emb: int) -> nn.Module | None:
+    """LDM's `label_emb`: an embedding table for class labels, or two linear layers for an adm vector."""
+    if cfg.num_classes and cfg.adm_in_channels:
+        raise ValueError("a UNet takes class labels or an adm vector, not both")
+    if cfg.num_classes:
+        return nn.Embedding(cfg.num_classes, emb)
+    if cfg.adm_in_channels:  # keys label_emb.0.{0,2}: a Sequential inside a Sequential, as LDM nests it
+        return nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb), nn.SiLU(), nn.Linear(emb, emb)))
+    return None
 
 
 class DiffusionWrapper(nn.Module):

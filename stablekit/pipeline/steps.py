@@ -1,26 +1,19 @@
-"""The shared steps every task composes: prompt -> cond, seed -> noise, sampling, decoding."""
+"""The shared steps every task composes: seed -> noise, the sampling plan, sampling, VAE encode/decode."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from ..diffusion.denoiser import Denoise
+from ..diffusion.brownian import brownian_noise
 from ..diffusion.common import SamplingStopped
+from ..diffusion.denoiser import Denoise
 from ..diffusion.samplers import Callback, SamplerSpec
+from ..diffusion.schedule import ModelSchedule, make_sigmas
 from ..models import StableDiffusionModel
-from ..models.tokenizer import CLIPTokenizer
-
-
-@torch.inference_mode()
-def encode_prompt(
-    model: StableDiffusionModel, tokenizer: CLIPTokenizer, prompts: list[str], clip_skip: int = 1
-) -> torch.Tensor:
-    """prompts (B) -> text embeddings [B, 77, C] in the model's dtype. Tokens past 75 are dropped."""
-    device = next(model.text_encoder.parameters()).device
-    ids = tokenizer(prompts).to(device)  # [B, 77]
-    return model.text_encoder(ids, clip_skip=clip_skip)
+from ..params import GenerationParams
 
 
 def generators_for(seeds: list[int]) -> list[torch.Generator]:
@@ -33,33 +26,81 @@ def initial_noise(generators: list[torch.Generator], shape: tuple[int, int, int]
     return torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators])
 
 
+def sampler_sigmas(schedule: ModelSchedule, p: GenerationParams) -> torch.Tensor:
+    """The schedule the sampler walks: `steps` steps, or steps+1 less the next-to-last where the spec says."""
+    if p.sampler_spec.discard_penultimate_sigma:
+        sigmas = make_sigmas(schedule, p.schedule_name, p.steps + 1)
+        return torch.cat([sigmas[:-2], sigmas[-1:]])
+    return make_sigmas(schedule, p.schedule_name, p.steps)
+
+
+def cut_sigmas(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
+    """The tail of a schedule that a denoising strength runs: int(steps * strength) steps, at least one,
+    as diffusers and the web UI cut it (strength 1: the whole schedule)."""
+    run = max(1, int((len(sigmas) - 1) * strength))
+    return sigmas[-(run + 1):]
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """One job's sampler, schedule, noise and randomness, made once before sampling.
+
+    `full` is the schedule for all `steps` steps, `sigmas` the part that runs (cut by strength).
+    """
+
+    spec: SamplerSpec
+    options: dict
+    full: torch.Tensor
+    sigmas: torch.Tensor
+    noise: torch.Tensor  # [B, C, h, w] float32 on the device
+    generators: list[torch.Generator]
+    seeds: list[int]
+    model_schedule: ModelSchedule
+
+
+def plan_sampling(
+    schedule: ModelSchedule, p: GenerationParams, latent_shape: tuple[int, int, int], device: torch.device,
+    noise: torch.Tensor | None = None, strength: float = 1.0,
+) -> SamplingPlan:
+    """Per-image generators and noise (explicit `noise` replaces the seeded draw, which still happens so
+    later random draws match), the schedule and its cut for `strength`."""
+    seeds = [p.seed + i for i in range(p.batch_size)]
+    generators = generators_for(seeds)
+    seeded = initial_noise(generators, latent_shape)
+    if noise is not None:
+        if tuple(noise.shape) != (p.batch_size, *latent_shape):
+            raise ValueError(f"explicit noise has shape {tuple(noise.shape)}, expected {(p.batch_size, *latent_shape)}")
+        seeded = noise.float()
+    full = sampler_sigmas(schedule, p)
+    return SamplingPlan(p.sampler_spec, p.sampler_options(), full, cut_sigmas(full, strength), seeded.to(device),
+                        generators, seeds, schedule)
+
+
 @torch.inference_mode()
 def denoise(
     denoiser: Denoise,
-    noise: torch.Tensor,
-    sigmas: torch.Tensor,
-    spec: SamplerSpec,
-    generators: list[torch.Generator],
+    plan: SamplingPlan,
     *,
     start: torch.Tensor | None = None,
     callback: Callback | None = None,
-    options: dict | None = None,
-    inputs: dict | None = None,
 ) -> torch.Tensor:
-    """Run `spec` over `sigmas` from `start` (default zeros) noised to sigmas[0].
-
-    `options` are the user's sampler options; `inputs` what the pipeline can offer (model_schedule,
-    seeds), of which the sampler gets those its spec names.
+    """Run the plan's sampler over its sigmas from `start` (default zeros) noised to sigmas[0].
 
     Returns the variance-preserving latent at the last sigma (x / sqrt(1 + sigma^2)), which is
     the clean latent when the schedule ends at zero and DDIM's x at t=0 otherwise. A callback that
     raises SamplingStopped ends sampling there and the last x0 estimate is returned instead.
     """
+    spec, sigmas, noise = plan.spec, plan.sigmas, plan.noise
     if start is None:
         x = noise * spec.initial_noise_scale(float(sigmas[0]))
     else:  # a picture's latent noised to sigmas[0]: x = x0 + sigma * noise for every sampler
         x = start + noise * float(sigmas[0])
-    given = {name: (inputs or {})[name] for name in spec.inputs}
+    offered = {"model_schedule": plan.model_schedule, "seeds": plan.seeds}
+    given = {name: offered[name] for name in spec.inputs}
+    options = dict(plan.options)
+    if "seeds" in spec.inputs and len(sigmas) < len(plan.full):
+        # A run over the tail of the schedule (img2img): the web UI's Brownian tree still spans all of it.
+        options["noise_sampler"] = brownian_noise(noise, plan.full, plan.seeds)
     last: list[torch.Tensor] = []
 
     def watch(i: int, n: int, x0: torch.Tensor) -> None:
@@ -68,7 +109,7 @@ def denoise(
             callback(i, n, x0)
 
     try:
-        x = spec.fn(denoiser, x, sigmas, generator=generators, callback=watch, **(options or {}), **given)
+        x = spec.fn(denoiser, x, sigmas, generator=plan.generators, callback=watch, **options, **given)
     except SamplingStopped:
         if not last:
             raise
@@ -86,7 +127,7 @@ def encode_picture(model: StableDiffusionModel, pictures: torch.Tensor) -> torch
     vae = model.vae
     param = next(vae.parameters())
     mean, _ = vae.encode((pictures * 2 - 1).to(device=param.device, dtype=param.dtype))
-    return mean.float() * vae.cfg.scale_factor
+    return (mean.float() - vae.cfg.shift_factor) * vae.cfg.scale_factor
 
 
 @torch.inference_mode()
@@ -94,5 +135,5 @@ def decode(model: StableDiffusionModel, latents: torch.Tensor) -> torch.Tensor:
     """scaled latents [B, 4, h, w] -> pictures [B, 3, 8h, 8w] float32 in [0, 1]."""
     vae = model.vae
     dtype = next(vae.parameters()).dtype
-    pictures = vae.decode((latents / vae.cfg.scale_factor).to(dtype)).float()
+    pictures = vae.decode((latents / vae.cfg.scale_factor + vae.cfg.shift_factor).to(dtype)).float()
     return ((pictures + 1) / 2).clamp(0, 1)

@@ -1,192 +1,193 @@
-"""Tasks: short compositions of the shared steps. Each returns float pictures [B, 3, H, W] in [0, 1]."""
+"""The task table: each task registered once, with its fields, inputs and three short functions.
+
+A task is `prepare` (its pictures at the working size, and how results go back: a Canvas),
+`sample` (the latent work, ending at latents) and its infotext fields; decoding, paste-back and
+crop-back are the shared `editing.finish`. The Engine, the CLI, the server worker and the job
+routes all dispatch through TASKS, so adding a task is one entry here plus its functions.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import torch
-import torch.nn.functional as F
+from PIL import Image
 
-from ..diffusion.brownian import brownian_noise
-from ..diffusion.denoiser import CFGDenoiser, Denoise, MaskedDenoiser, ModelDenoiser, SoftMaskedDenoiser
+from ..config import INPUT_KINDS, ModelConfig
 from ..diffusion.samplers import Callback
-from ..diffusion.schedule import ModelSchedule, make_sigmas
-from ..masks import fill_hole, latent_mask
-from ..models import StableDiffusionModel
-from ..models.tokenizer import CLIPTokenizer
 from ..params import GenerationParams
-from .steps import decode, denoise, encode_picture, encode_prompt, generators_for, initial_noise
+from .conditioning import TaskContext, guided_denoiser
+from .editing import Canvas, finish, fitted_canvas, inpaint_canvas, outpaint_canvas, outpaint_size
+from .inpainting import inpaint_latents
+from .steps import denoise, encode_picture, plan_sampling
+
+Inputs = Mapping[str, Any]
 
 
-@dataclass
-class TaskContext:
-    """What a task needs from the engine: networks, tokenizer, schedule and numeric settings."""
+@dataclass(frozen=True)
+class TaskInput:
+    """What a task takes besides GenerationParams: a picture, a mask, or an option of its own.
 
-    model: StableDiffusionModel
-    tokenizer: CLIPTokenizer
-    schedule: ModelSchedule
-    device: torch.device
-    dtype: torch.dtype
-    quantize_timesteps: bool = False
-
-    def denoiser(self) -> ModelDenoiser:
-        unet = self.model.unet
-        return ModelDenoiser(unet, self.schedule, self.model.cfg.prediction, self.dtype, self.quantize_timesteps)
-
-
-def sampler_sigmas(schedule: ModelSchedule, p: GenerationParams) -> torch.Tensor:
-    """The schedule the sampler walks: `steps` steps, or steps+1 less the next-to-last where the spec says."""
-    if p.sampler_spec.discard_penultimate_sigma:
-        sigmas = make_sigmas(schedule, p.schedule_name, p.steps + 1)
-        return torch.cat([sigmas[:-2], sigmas[-1:]])
-    return make_sigmas(schedule, p.schedule_name, p.steps)
-
-
-def _guided(ctx: TaskContext, p: GenerationParams, concat: torch.Tensor | None = None) -> CFGDenoiser:
-    """The prompt-guided denoiser; `concat` holds extra input channels (inpainting models)."""
-    cond = encode_prompt(ctx.model, ctx.tokenizer, [p.prompt] * p.batch_size, p.clip_skip)
-    uncond = encode_prompt(ctx.model, ctx.tokenizer, [p.negative_prompt] * p.batch_size, p.clip_skip)
-    return CFGDenoiser(ctx.denoiser(), cond, uncond, p.cfg_scale, concat=concat, rescale=p.guidance_rescale)
-
-
-def _noise(
-    ctx: TaskContext, p: GenerationParams, noise: torch.Tensor | None
-) -> tuple[torch.Tensor, list[torch.Generator]]:
-    """Per-image generators and the initial noise [B, 4, H/8, W/8] (explicit noise replaces the seeded draw)."""
-    down = ctx.model.vae.cfg.downscale
-    shape = (ctx.model.vae.cfg.z_channels, p.height // down, p.width // down)
-    generators = generators_for([p.seed + i for i in range(p.batch_size)])
-    seeded = initial_noise(generators, shape)
-    if noise is not None:
-        if tuple(noise.shape) != (p.batch_size, *shape):
-            raise ValueError(f"explicit noise has shape {tuple(noise.shape)}, expected {(p.batch_size, *shape)}")
-        seeded = noise.float()
-    return seeded.to(ctx.device), generators
-
-
-def _sample(
-    ctx: TaskContext, p: GenerationParams, denoiser: Denoise, noise: torch.Tensor,
-    generators: list[torch.Generator], sigmas: torch.Tensor, callback: Callback | None,
-    start: torch.Tensor | None = None,
-) -> torch.Tensor:
-    seeds = [p.seed + i for i in range(p.batch_size)]
-    options = p.sampler_options()
-    full = sampler_sigmas(ctx.schedule, p)
-    if "seeds" in p.sampler_spec.inputs and len(sigmas) < len(full):
-        # img2img runs the tail of the schedule; the web UI's Brownian tree still spans all of it.
-        options["noise_sampler"] = brownian_noise(noise, full, seeds)
-    return denoise(
-        denoiser, noise, sigmas, p.sampler_spec, generators, start=start, callback=callback,
-        options=options, inputs={"model_schedule": ctx.schedule, "seeds": seeds},
-    )
-
-
-def txt2img(
-    ctx: TaskContext,
-    p: GenerationParams,
-    *,
-    noise: torch.Tensor | None = None,
-    callback: Callback | None = None,
-) -> torch.Tensor:
-    """Text to picture. `p` must be validated; `noise` [B, 4, H/8, W/8] replaces the seeded noise."""
-    if ctx.model.cfg.variant != "base":
-        raise ValueError(f"txt2img needs a base model; this is an {ctx.model.cfg.variant} model")
-    seeded, generators = _noise(ctx, p, noise)
-    sigmas = sampler_sigmas(ctx.schedule, p)
-    latents = _sample(ctx, p, _guided(ctx, p), seeded, generators, sigmas, callback)
-    return decode(ctx.model, latents)
-
-
-def img2img(
-    ctx: TaskContext,
-    p: GenerationParams,
-    picture: torch.Tensor,
-    *,
-    noise: torch.Tensor | None = None,
-    callback: Callback | None = None,
-) -> torch.Tensor:
-    """Picture [1, 3, H, W] in [0, 1] (already at the target size) to picture.
-
-    The schedule is built for `steps` steps and only its last int(steps * strength) steps run
-    (at least one), from the picture's latent noised to that point, as diffusers and the web UI do.
+    kind: picture (RGB), mask (kept as given: an RGBA mask's alpha counts), int, flag or choice.
     """
-    if ctx.model.cfg.variant != "base":
-        raise ValueError(f"img2img needs a base model; this is an {ctx.model.cfg.variant} model")
-    if tuple(picture.shape[-2:]) != (p.height, p.width):
-        raise ValueError(f"picture is {picture.shape[-1]}x{picture.shape[-2]}, expected {p.width}x{p.height}")
-    pictures = picture.expand(p.batch_size, -1, -1, -1)
-    if p.denoising_strength == 0:
-        return pictures.clone()
-    seeded, generators = _noise(ctx, p, noise)
-    run = max(1, int(p.steps * p.denoising_strength))
-    sigmas = sampler_sigmas(ctx.schedule, p)[-(run + 1):]
-    latents = encode_picture(ctx.model, pictures)
-    latents = _sample(ctx, p, _guided(ctx, p), seeded, generators, sigmas, callback, start=latents)
-    return decode(ctx.model, latents)
+
+    name: str
+    kind: str
+    help: str
+    flags: tuple[str, ...] = ()  # command line (default --name)
+    required: bool = False
+    default: Any = None
+    choices: tuple[str, ...] | None = None
 
 
-def inpaint(
-    ctx: TaskContext,
-    p: GenerationParams,
-    picture: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    noise: torch.Tensor | None = None,
+@dataclass(frozen=True)
+class Task:
+    name: str
+    help: str
+    fields: tuple[str, ...]  # the GenerationParams fields it reads (the others are ignored)
+    prepare: Callable[[TaskContext, GenerationParams, Inputs], Canvas]
+    sample: Callable[[TaskContext, GenerationParams, Canvas, torch.Tensor | None, Callback | None], torch.Tensor]
+    inputs: tuple[TaskInput, ...] = ()
+    model_kinds: tuple[str, ...] = ("none",)  # INPUT_KINDS it runs
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # field defaults where the task's differ
+    # The working size its inputs give: used when width/height are not given, or always where the
+    # task has no width/height fields (outpainting works at the canvas size).
+    size_of: Callable[[Inputs], tuple[int, int]] | None = None
+    infotext: Callable[[GenerationParams, ModelConfig], dict[str, object]] = lambda p, cfg: {}
+
+    def check_model(self, cfg: ModelConfig) -> None:
+        if cfg.inputs not in self.model_kinds:
+            wanted = " or ".join(INPUT_KINDS[k].what for k in self.model_kinds)
+            raise ValueError(f"{self.name} needs {wanted}; this is {cfg.kind.what}")
+
+    def check_inputs(self, inputs: Inputs) -> dict[str, Any]:
+        """The inputs with defaults filled in; unknown or missing ones are clear errors."""
+        known = {i.name: i for i in self.inputs}
+        unknown = sorted(set(inputs) - set(known))
+        if unknown:
+            raise ValueError(f"{self.name} takes no {', '.join(unknown)}; its inputs are {', '.join(known) or 'none'}")
+        missing = [i.name for i in self.inputs if i.required and inputs.get(i.name) is None]
+        if missing:
+            raise ValueError(f"{self.name} needs {' and '.join(missing)}")
+        return {name: inputs.get(name, i.default) for name, i in known.items()}
+
+    @property
+    def uses_strength(self) -> bool:
+        return "denoising_strength" in self.fields
+
+    def working_size(self, p: GenerationParams, inputs: Inputs, resolution: int) -> tuple[int, int]:
+        """Width and height: as given, else the inputs' size, else the model's resolution."""
+        size = self.size_of(inputs) if self.size_of else (resolution, resolution)
+        if "width" not in self.fields:
+            return size
+        return p.width or size[0], p.height or size[1]
+
+
+# --- the tasks -------------------------------------------------------------------------------------
+
+
+def _no_canvas(ctx: TaskContext, p: GenerationParams, inputs: Inputs) -> Canvas:
+    return Canvas()
+
+
+def txt2img_latents(ctx: TaskContext, p: GenerationParams, canvas: Canvas, noise: torch.Tensor | None = None,
+                    callback: Callback | None = None) -> torch.Tensor:
+    """Text to latents [B, 4, h, w]; `noise` [B, 4, h, w] replaces the seeded noise."""
+    plan = plan_sampling(ctx.schedule, p, ctx.latent_shape(p.width, p.height), ctx.device, noise)
+    return denoise(guided_denoiser(ctx, p), plan, callback=callback)
+
+
+def img2img_latents(ctx: TaskContext, p: GenerationParams, canvas: Canvas, noise: torch.Tensor | None = None,
+                    callback: Callback | None = None) -> torch.Tensor:
+    """The canvas picture's latent noised to the strength's point of the schedule, then sampled from
+    there: only the last int(steps * strength) steps run, as diffusers and the web UI do."""
+    plan = plan_sampling(ctx.schedule, p, ctx.latent_shape(p.width, p.height), ctx.device, noise,
+                         p.denoising_strength)
+    start = encode_picture(ctx.model, canvas.picture.expand(p.batch_size, -1, -1, -1))
+    return denoise(guided_denoiser(ctx, p), plan, start=start, callback=callback)
+
+
+def _inpaint_sample(ctx: TaskContext, p: GenerationParams, canvas: Canvas, noise: torch.Tensor | None = None,
+                    callback: Callback | None = None) -> torch.Tensor:
+    return inpaint_latents(ctx, p, canvas.picture, canvas.mask, noise, callback)
+
+
+def _picture_size(inputs: Inputs) -> tuple[int, int]:
+    """A picture's size rounded down to multiples of 8 (the latent is 1/8 of the picture)."""
+    image: Image.Image = inputs["image"]
+    return max(8, image.width // 8 * 8), max(8, image.height // 8 * 8)
+
+
+def _inpaint_infotext(p: GenerationParams, cfg: ModelConfig) -> dict[str, object]:
+    return {
+        "Denoising strength": p.denoising_strength,
+        "Conditional mask weight": p.mask_strength if cfg.inputs == "inpaint" else None,
+        "Mask blur": p.mask_blur,
+        "Mask mode": "Inpaint not masked" if p.invert_mask else None,
+        "Masked content": p.masked_content.replace("-", " "),
+        "Inpaint area": "Only masked" if p.inpaint_area == "masked" else None,
+        "Masked area padding": p.inpaint_padding if p.inpaint_area == "masked" else None,
+        "Soft inpainting": True if p.soft_inpainting else None,
+        "Inpaint method": p.inpaint_method if p.inpaint_method != "auto" else None,
+    }
+
+
+def _outpaint_prepare(ctx: TaskContext, p: GenerationParams, inputs: Inputs) -> Canvas:
+    sides = {k: inputs[k] for k in ("left", "right", "top", "bottom")}
+    canvas, mask = outpaint_canvas(inputs["image"], **sides, fill=inputs["fill"])
+    return inpaint_canvas(canvas, mask, p, ctx.device)
+
+
+IMAGE = TaskInput("image", "picture", "the starting picture", flags=("--image", "-i"), required=True)
+MASK = TaskInput("mask", "mask", "white repaints, black keeps; or an RGBA picture's alpha", required=True)
+RESIZE_MASK = TaskInput("resize_mask", "flag", "resize a mask of another size instead of refusing it", default=False)
+SIDES = tuple(TaskInput(side, "int", f"pixels to add on the {side}", default=0)
+              for side in ("left", "right", "top", "bottom"))
+FILL = TaskInput("fill", "choice", "what the new area starts as", default="edges", choices=("edges", "noise"))
+
+COMMON_FIELDS = ("prompt", "negative_prompt", "steps", "cfg_scale", "sampler", "scheduler", "seed", "width", "height",
+                 "batch_size", "clip_skip", "eta", "s_noise", "guidance_rescale")
+IMG2IMG_FIELDS = ("denoising_strength", "resize_mode")
+MASK_FIELDS = ("mask_blur", "masked_content", "inpaint_method", "mask_strength", "paste_back", "soft_inpainting")
+INPAINT_FIELDS = IMG2IMG_FIELDS + MASK_FIELDS + ("invert_mask", "inpaint_area", "inpaint_padding")
+
+TASKS: dict[str, Task] = {t.name: t for t in (
+    Task("txt2img", "generate pictures from a prompt", COMMON_FIELDS, _no_canvas, txt2img_latents),
+    Task("img2img", "generate pictures from a picture and a prompt", COMMON_FIELDS + IMG2IMG_FIELDS,
+         lambda ctx, p, inputs: fitted_canvas(inputs["image"], p, ctx.device), img2img_latents,
+         inputs=(IMAGE,), size_of=_picture_size,
+         infotext=lambda p, cfg: {"Denoising strength": p.denoising_strength}),
+    Task("inpaint", "repaint the white (or transparent) part of a mask", COMMON_FIELDS + INPAINT_FIELDS,
+         lambda ctx, p, inputs: inpaint_canvas(inputs["image"], inputs["mask"], p, ctx.device, inputs["resize_mask"]),
+         _inpaint_sample, inputs=(IMAGE, MASK, RESIZE_MASK), model_kinds=("none", "inpaint"),
+         defaults={"denoising_strength": 1.0}, size_of=_picture_size, infotext=_inpaint_infotext),
+    Task("outpaint", "extend the canvas and paint the new area",
+         tuple(f for f in COMMON_FIELDS if f not in ("width", "height")) + ("denoising_strength",) + MASK_FIELDS,
+         _outpaint_prepare, _inpaint_sample, inputs=(IMAGE, *SIDES, FILL), model_kinds=("none", "inpaint"),
+         defaults={"denoising_strength": 1.0}, infotext=_inpaint_infotext,
+         size_of=lambda inputs: outpaint_size(inputs["image"], *(inputs[s.name] for s in SIDES))),
+)}
+
+
+def run_task(
+    ctx: TaskContext, task: Task, p: GenerationParams, inputs: Inputs, noise: torch.Tensor | None = None,
     callback: Callback | None = None,
 ) -> torch.Tensor:
-    """Repaint where `mask` [1, 1, H, W] (1 = repaint, may be soft) is set, in picture [1, 3, H, W].
+    """Validated params and checked inputs -> pictures [B, 3, H, W]: prepare, sample, finish."""
+    task.check_model(ctx.model.cfg)
+    canvas = task.prepare(ctx, p, inputs)
+    nothing_to_do = task.uses_strength and p.denoising_strength == 0  # the picture is kept as it is
+    latents = None if nothing_to_do else task.sample(ctx, p, canvas, noise, callback)
+    return finish(ctx.model, canvas, latents, p.batch_size)
 
-    Two methods: "blend" runs any model and keeps the x0 estimate outside the mask equal to the
-    original latent; "model" gives a 9-channel inpainting model the mask and the masked picture's
-    latent as extra input channels. Returns the decoded pictures before paste-back.
-    """
-    is_inpaint_model = ctx.model.cfg.variant == "inpaint"
-    method = p.inpaint_method if p.inpaint_method != "auto" else ("model" if is_inpaint_model else "blend")
-    if method == "model" and not is_inpaint_model:
-        raise ValueError("inpainting method 'model' needs a 9-channel inpainting checkpoint; use 'blend'")
-    if tuple(mask.shape[-2:]) != tuple(picture.shape[-2:]):
-        raise ValueError(f"mask is {mask.shape[-1]}x{mask.shape[-2]}, picture is {picture.shape[-1]}x{picture.shape[-2]}")
-    if p.denoising_strength == 0:  # nothing to repaint
-        return picture.expand(p.batch_size, -1, -1, -1).clone()
-    hard = (mask >= 0.5).float()  # pixel-space decisions use the binarised mask, as diffusers does
-    source = fill_hole(picture, hard) if p.masked_content == "fill" else picture
-    seeded, generators = _noise(ctx, p, noise)
-    original = encode_picture(ctx.model, source).expand(p.batch_size, -1, -1, -1)
-    lmask = latent_mask(mask, original.shape[-2:]).to(original.device)  # [1, 1, h, w], 1 = repaint
-    start = original
-    if p.masked_content == "latent-noise":  # the web UI reuses the seed's noise here
-        start = original * (1 - lmask) + seeded * lmask
-    elif p.masked_content == "latent-nothing":
-        start = original * (1 - lmask)
 
-    concat = None
-    if is_inpaint_model:  # channels 5..9: mask, then the latent of the picture with the hole greyed out
-        hidden = picture * (1 - hard) + 0.5 * hard
-        conditioning = torch.lerp(picture, hidden, p.mask_strength)
-        concat = torch.cat([lmask.expand(p.batch_size, -1, -1, -1),
-                            encode_picture(ctx.model, conditioning).expand(p.batch_size, -1, -1, -1)], dim=1)
-    denoiser: Denoise = _guided(ctx, p, concat)
-    full = sampler_sigmas(ctx.schedule, p)
-    if p.soft_inpainting:  # per-pixel strength: the soft mask at latent size times the overall strength
-        lmask = F.interpolate(mask, size=original.shape[-2:], mode="area").to(original.device) * p.denoising_strength
-        denoiser = SoftMaskedDenoiser(denoiser, original, lmask, full)
-    elif method == "blend":
-        denoiser = MaskedDenoiser(denoiser, original, lmask)
+def find_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task '{name}'; choose from {', '.join(TASKS)}")
+    return TASKS[name]
 
-    run = max(1, int(p.steps * p.denoising_strength))
-    sigmas = full[-(run + 1):]
-    if p.denoising_strength == 1 and not p.soft_inpainting:
-        # Full strength: the hole starts from pure noise, as diffusers does. With blending, the rest
-        # starts where the blend keeps it, on the original's trajectory (x = x0 + sigma * noise).
-        if method == "blend":
-            sigma0 = float(sigmas[0])
-            extra = p.sampler_spec.initial_noise_scale(sigma0) - sigma0  # DDIM-style samplers start wider
-            start = original * (1 - lmask) + seeded * extra * lmask
-        else:
-            start = None
-    latents = _sample(ctx, p, denoiser, seeded, generators, sigmas, callback, start=start)
-    if p.soft_inpainting:  # pixels of strength 0 never joined: exactly the original
-        latents = torch.where(lmask > 0, latents, original)
-    elif method == "blend":  # the last step lands on the original outside the mask
-        latents = latents * lmask + original * (1 - lmask)
-    return decode(ctx.model, latents)
+
+def runnable(cfg: ModelConfig) -> list[str]:
+    """The tasks that run a model of this kind."""
+    return [t.name for t in TASKS.values() if cfg.inputs in t.model_kinds]

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..diffusion.cond import Cond
 from ..diffusion.schedule import ModelSchedule
 from ..images import to_pil
 from ..models import StableDiffusionModel
@@ -77,7 +78,7 @@ def train_latent_diffusion(
         a = alphas[t].view(b, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
         context = model.text_encoder(tokenizer(captions).to(device))
-        loss = F.mse_loss(model.unet(x_t, t.float(), context), eps)
+        loss = F.mse_loss(model.unet(x_t, t.float(), Cond(context)), eps)
         set_lr(optimizer, stage.lr_at(step))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -120,7 +121,7 @@ def _averaged(ema: EMA | None) -> Iterator[None]:
 def save_samples(model: StableDiffusionModel, prompts: list[str], path: Path, size: tuple[int, int],
                  seeds: int = 4, device: torch.device = torch.device("cpu")) -> None:
     """A grid through the real pipeline: one row per prompt, `seeds` columns (DPM++ 2M, 20 steps, CFG 7)."""
-    from ..pipeline.tasks import TaskContext, txt2img
+    from ..pipeline.tasks import TASKS, TaskContext, run_task
 
     was = {m: m.training for m in (model.unet, model.text_encoder)}
     for m in was:
@@ -131,7 +132,7 @@ def save_samples(model: StableDiffusionModel, prompts: list[str], path: Path, si
     for prompt in prompts:
         p = GenerationParams(prompt=prompt, width=size[0], height=size[1], steps=20, seed=0,
                              batch_size=seeds).validated()
-        rows.append(txt2img(ctx, p))
+        rows.append(run_task(ctx, TASKS["txt2img"], p, {}))
     for m, training in was.items():
         m.train(training)
     to_pil(grid(torch.cat(rows), seeds)[None])[0].save(path)
