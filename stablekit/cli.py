@@ -10,9 +10,8 @@ from pathlib import Path
 
 from . import __version__
 from .detect import CheckpointError
-from .images import RESIZE_MODES
-from .masks import MASKED_CONTENT
-from .params import INPAINT_METHODS, GenerationParams
+from .params import GenerationParams, settings
+from .pipeline.tasks import TASKS, Task
 
 DEFAULTS = GenerationParams()
 
@@ -39,46 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"stablekit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("txt2img", help="generate pictures from a prompt")
-    _add_generation_args(t, follows_picture=False)
-    i2i = sub.add_parser("img2img", help="generate pictures from a picture and a prompt")
-    i2i.add_argument("--image", "-i", required=True, type=Path, help="the starting picture")
-    i2i.add_argument("--strength", "--denoising-strength", dest="strength", type=float,
-                     default=DEFAULTS.denoising_strength, help="0 keeps the picture, 1 repaints it entirely")
-    i2i.add_argument("--resize-mode", default=DEFAULTS.resize_mode, choices=RESIZE_MODES,
-                     help="how a picture of another size is fitted to --width/--height")
-    _add_generation_args(i2i, follows_picture=True)
-    inp = sub.add_parser("inpaint", help="repaint the white (or transparent) part of a mask")
-    inp.add_argument("--image", "-i", required=True, type=Path, help="the picture to edit")
-    inp.add_argument("--mask", required=True, type=Path, help="white repaints, black keeps; or an RGBA picture's alpha")
-    inp.add_argument("--invert-mask", action="store_true", help="repaint the black part instead")
-    inp.add_argument("--resize-mask", action="store_true", help="resize a mask of another size instead of refusing it")
-    inp.add_argument("--mask-blur", type=float, default=DEFAULTS.mask_blur, help="soft edge, Gaussian sigma in pixels")
-    inp.add_argument("--strength", "--denoising-strength", dest="strength", type=float, default=1.0,
-                     help="1 repaints the masked region from noise; lower keeps more of it")
-    inp.add_argument("--method", default=DEFAULTS.inpaint_method, choices=INPAINT_METHODS,
-                     help="blend (any model), model (9-channel inpainting checkpoints), auto")
-    inp.add_argument("--masked-content", default=DEFAULTS.masked_content, choices=MASKED_CONTENT)
-    inp.add_argument("--mask-strength", type=float, default=DEFAULTS.mask_strength,
-                     help="inpainting models: how much of the masked picture is hidden from the model")
-    inp.add_argument("--no-paste-back", dest="paste_back", action="store_false",
-                     help="keep the generated pixels outside the mask too")
-    inp.add_argument("--resize-mode", default=DEFAULTS.resize_mode, choices=RESIZE_MODES)
-    inp.add_argument("--inpaint-area", default=DEFAULTS.inpaint_area, choices=("whole", "masked"),
-                     help="masked: generate a box around the mask at full --width x --height and put it back")
-    inp.add_argument("--padding", type=int, default=DEFAULTS.inpaint_padding, help="pixels around the mask's box")
-    inp.add_argument("--soft", action="store_true", help="use the greyscale mask as per-pixel denoising strength")
-    _add_generation_args(inp, follows_picture=True)
-
-    out = sub.add_parser("outpaint", help="extend the canvas and paint the new area")
-    out.add_argument("--image", "-i", required=True, type=Path)
-    for side in ("left", "right", "top", "bottom"):
-        out.add_argument(f"--{side}", type=int, default=0, help=f"pixels to add on the {side}")
-    out.add_argument("--fill", default="edges", choices=("edges", "noise"), help="what the new area starts as")
-    out.add_argument("--strength", "--denoising-strength", dest="strength", type=float, default=1.0)
-    out.add_argument("--mask-blur", type=float, default=DEFAULTS.mask_blur)
-    out.add_argument("--masked-content", default="original", choices=MASKED_CONTENT)
-    _add_generation_args(out, follows_picture=True)
+    for task in TASKS.values():  # one subcommand per task, its flags derived from the declarations
+        t = sub.add_parser(task.name, help=task.help)
+        t.set_defaults(task=task.name)
+        _add_task_args(t, task)
 
     sub.add_parser("samplers", help="list samplers, their aliases and the schedules they accept")
 
@@ -93,47 +56,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_generation_args(t: argparse.ArgumentParser, follows_picture: bool) -> None:
+_SIZE_HELP = {True: " (default: the picture's, rounded down to a multiple of 8)",
+              False: " (default: the model's resolution, 512 for SD 1.x, 64 for the demo model)"}
+
+
+def _add_task_args(t: argparse.ArgumentParser, task: Task) -> None:
+    """The task's inputs, then its GenerationParams fields (help, flags and choices as declared)."""
+    for i in task.inputs:
+        flags = i.flags or (f"--{i.name.replace('_', '-')}",)
+        if i.kind == "flag":
+            t.add_argument(*flags, dest=i.name, action="store_true", help=i.help)
+        else:
+            kind = {"picture": Path, "mask": Path, "int": int}.get(i.kind, str)
+            t.add_argument(*flags, dest=i.name, type=kind, default=i.default, required=i.required,
+                           choices=i.choices, help=i.help)
     t.add_argument("--model", "-m", default=None,
                    help="checkpoint file, diffusers folder or hub repo id (default: the built-in shapes demo model)")
-    t.add_argument("--prompt", "-p", required=True)
-    t.add_argument("--negative-prompt", "-n", default=DEFAULTS.negative_prompt)
-    t.add_argument("--steps", type=int, default=DEFAULTS.steps)
-    t.add_argument("--cfg-scale", type=float, default=DEFAULTS.cfg_scale)
-    t.add_argument("--sampler", default=DEFAULTS.sampler, help='e.g. "DPM++ 2M", "Euler a", ddim (see: stablekit samplers)')
-    t.add_argument("--scheduler", default=DEFAULTS.scheduler, help="automatic, karras, ... (see: stablekit samplers)")
-    t.add_argument("--seed", type=int, default=DEFAULTS.seed, help="-1 = random; image i uses seed + i")
-    follow = (" (default: the picture's, rounded to a multiple of 8)" if follows_picture
-              else " (default: the model's resolution, 512 for SD 1.x, 64 for the demo model)")
-    t.add_argument("--width", type=int, default=None, help="multiple of 8" + follow)
-    t.add_argument("--height", type=int, default=None, help="multiple of 8" + follow)
-    t.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
-    t.add_argument("--clip-skip", type=int, default=DEFAULTS.clip_skip)
-    t.add_argument("--eta", type=float, default=None, help="noise of ancestral samplers and DDIM")
-    t.add_argument("--s-noise", type=float, default=DEFAULTS.s_noise, help="noise multiplier of ancestral/SDE samplers")
-    t.add_argument("--guidance-rescale", type=float, default=DEFAULTS.guidance_rescale,
-                   help="CFG rescale phi (Lin et al. 2023), 0..1; 0.7 suits zero-terminal-SNR v-models")
+    declared = settings()
+    for name in task.fields:
+        s = declared[name]
+        default = task.defaults.get(name, getattr(DEFAULTS, name))
+        flags = s.flags or (f"--{name.replace('_', '-')}",)
+        help = s.help + (_SIZE_HELP[task.size_of is not None] if name in ("width", "height") else "")
+        if isinstance(default, bool):  # a switch: --x turns a False default on, --no-x a True one off
+            t.add_argument(*flags, dest=name, action="store_false" if default else "store_true", help=help)
+        else:
+            t.add_argument(*flags, dest=name, type=s.type or type(default), default=default, choices=s.choices,
+                           required=name == "prompt", help=help)
     t.add_argument("--out", default="outputs", help="output folder (files are never overwritten)")
     _add_model_args(t)
 
 
-def _params(args: argparse.Namespace, **task_fields) -> GenerationParams:
+def _params(args: argparse.Namespace, task: Task) -> GenerationParams:
     """Arguments -> validated params, checked before any time is spent on loading."""
-    return GenerationParams(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg_scale=args.cfg_scale,
-        sampler=args.sampler, scheduler=args.scheduler, seed=args.seed, width=args.width, height=args.height,
-        batch_size=args.batch_size, clip_skip=args.clip_skip, eta=args.eta, s_noise=args.s_noise,
-        guidance_rescale=args.guidance_rescale, **task_fields,
-    ).validated()
+    return GenerationParams(**{name: getattr(args, name) for name in task.fields}).validated()
 
 
-def _generate(args: argparse.Namespace, params: GenerationParams, run) -> int:
-    """Load the model, run `run(engine, params, callback)` with a progress bar, save and print the paths."""
+def _inputs(args: argparse.Namespace, task: Task) -> dict:
+    """The task's inputs from the arguments: picture files are read here, with clear errors."""
+    from .images import load_picture, read_mask
+
+    readers = {"picture": load_picture, "mask": read_mask}
+    return {i.name: readers.get(i.kind, lambda v: v)(getattr(args, i.name)) for i in task.inputs}
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """Read the inputs, check the params, load the model, run the task with a progress bar, save, print paths."""
     from tqdm import tqdm
 
     from .engine import load, set_threads
     from .images import save_png
 
+    task = TASKS[args.task]
+    inputs = _inputs(args, task)
+    params = _params(args, task)
+    if task.size_of is not None:
+        width, height = task.working_size(params, inputs, 0)
+        if "image" in inputs and (width, height) != inputs["image"].size:
+            print(f"stablekit: note: working at {width}x{height} (the picture is "
+                  f"{inputs['image'].width}x{inputs['image'].height})", file=sys.stderr)
     t0 = time.perf_counter()
     if args.model is None:
         from .demo import demo_model
@@ -147,7 +128,8 @@ def _generate(args: argparse.Namespace, params: GenerationParams, run) -> int:
     print(f"stablekit: loaded {engine.config.name} in {time.perf_counter() - t0:.1f}s "
           f"({engine.device.type}, {args.dtype})", file=sys.stderr)
     with tqdm(unit="step", file=sys.stderr, desc="sampling") as bar:
-        images = run(engine, params, lambda i, n, x0: (setattr(bar, "total", n), bar.update(1)))
+        images = engine.run(task.name, params, callback=lambda i, n, x0: (setattr(bar, "total", n), bar.update(1)),
+                            **inputs)
     for k, image in enumerate(images):
         print(save_png(image, Path(args.out), params.seed + k), flush=True)
     print(f"stablekit: done in {time.perf_counter() - t0:.1f}s; peak memory {peak_memory(engine.device)}", file=sys.stderr)
@@ -164,67 +146,6 @@ def peak_memory(device) -> str:
     if device.type == "cuda":
         text += f", {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB on the GPU"
     return text
-
-
-def _txt2img(args: argparse.Namespace) -> int:
-    params = _params(args)
-    return _generate(args, params, lambda engine, p, cb: engine.txt2img(p, callback=cb))
-
-
-def _picture_size(args: argparse.Namespace, image) -> None:
-    """--width/--height default to the picture's size, rounded down to multiples of 8."""
-    width, height = args.width, args.height
-    if width is None or height is None:  # follow the picture, rounded down to multiples of 8
-        width = width or max(8, image.width // 8 * 8)
-        height = height or max(8, image.height // 8 * 8)
-        if (width, height) != image.size:
-            print(f"stablekit: note: working at {width}x{height} (the picture is {image.width}x{image.height})",
-                  file=sys.stderr)
-    args.width, args.height = width, height
-
-
-def _img2img(args: argparse.Namespace) -> int:
-    from .images import load_picture
-
-    image = load_picture(args.image)
-    _picture_size(args, image)
-    params = _params(args, denoising_strength=args.strength, resize_mode=args.resize_mode)
-    return _generate(args, params, lambda engine, p, cb: engine.img2img(image, p, callback=cb))
-
-
-def _inpaint(args: argparse.Namespace) -> int:
-    from .images import load_picture
-
-    image = load_picture(args.image)
-    try:
-        from PIL import Image
-
-        with Image.open(args.mask) as m:
-            mask = m.copy()
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{args.mask}: not a readable picture ({e})") from None
-    _picture_size(args, image)
-    params = _params(
-        args, denoising_strength=args.strength, resize_mode=args.resize_mode, mask_blur=args.mask_blur,
-        invert_mask=args.invert_mask, inpaint_method=args.method, masked_content=args.masked_content,
-        mask_strength=args.mask_strength, paste_back=args.paste_back, inpaint_area=args.inpaint_area,
-        inpaint_padding=args.padding, soft_inpainting=args.soft,
-    )
-    return _generate(args, params, lambda engine, p, cb: engine.inpaint(image, mask, p, callback=cb,
-                                                                         resize_mask=args.resize_mask))
-
-
-def _outpaint(args: argparse.Namespace) -> int:
-    from .images import load_picture
-    from .pipeline.editing import outpaint_canvas
-
-    image = load_picture(args.image)
-    canvas, mask = outpaint_canvas(image, args.left, args.right, args.top, args.bottom, args.fill)
-    print(f"stablekit: note: canvas {canvas.width}x{canvas.height}", file=sys.stderr)
-    args.width, args.height = args.width or canvas.width, args.height or canvas.height
-    params = _params(args, denoising_strength=args.strength, mask_blur=args.mask_blur,
-                     masked_content=args.masked_content)
-    return _generate(args, params, lambda engine, p, cb: engine.inpaint(canvas, mask, p, callback=cb))
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -290,9 +211,9 @@ def _serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"txt2img": _txt2img, "img2img": _img2img, "inpaint": _inpaint, "outpaint": _outpaint,
-                    "info": _info, "samplers": _samplers, "serve": _serve,
-                    "train": _train}
+        if args.command in TASKS:
+            return _generate(args)
+        commands = {"info": _info, "samplers": _samplers, "serve": _serve, "train": _train}
         return commands[args.command](args)
     except (CheckpointError, ValueError, OSError) as e:  # bad input, unreadable or unwritable files
         print(f"stablekit: error: {e}", file=sys.stderr)

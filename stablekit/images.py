@@ -24,6 +24,15 @@ def load_picture(path: Path) -> Image.Image:
         raise ValueError(f"{path}: not a readable picture ({e})") from None
 
 
+def read_mask(path: Path) -> Image.Image:
+    """Open a mask file as it is (an RGBA mask's alpha counts), with a clear error for anything else."""
+    try:
+        with Image.open(path) as m:
+            return m.copy()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable picture ({e})") from None
+
+
 def fit_picture(image: Image.Image, width: int, height: int, mode: str = "just-resize") -> Image.Image:
     """Bring a picture to width x height as the web UI's resize modes do.
 

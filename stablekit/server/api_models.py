@@ -64,6 +64,8 @@ class ProcessingFields(_Request):
     save_images: bool | None = False
     alwayson_scripts: dict[str, Any] | None = {}
     infotext: str | None = None
+    # stablekit's own (the web UI's core has none): diffusers' name, null = off
+    guidance_rescale: float | None = None
 
 
 class Txt2ImgRequest(ProcessingFields):
@@ -102,8 +104,10 @@ class Img2ImgRequest(ProcessingFields):
     initial_noise_multiplier: float | None = None
     latent_mask: str | None = None
     include_init_images: bool | None = False
-    # stablekit's own (the web UI has no such field): auto, blend (any model) or model (9-channel checkpoint)
-    inpainting_method: str | None = None
+    # stablekit's own (the web UI has no such fields): null = the default
+    inpainting_method: str | None = None  # auto, blend (any model) or model (9-channel checkpoint)
+    paste_back: bool | None = None  # false: keep the generated pixels outside the mask too
+    soft_inpainting: bool | None = None  # the greyscale mask as per-pixel denoising strength
 
 
 class GenerationResponse(BaseModel):

@@ -1,6 +1,6 @@
 """`/api/v1/jobs`: stablekit's own job API for long work (and for the browser UI to come).
 
-- POST   /api/v1/jobs                    {"task": "txt2img"|"img2img", ...web-UI fields} -> 202 {id, status, links}
+- POST   /api/v1/jobs                    {"task": "txt2img"|"img2img"|"inpaint", ...web-UI fields} -> 202 {id, status, links}
 - GET    /api/v1/jobs?limit=50           recent jobs, newest first
 - GET    /api/v1/jobs/{id}               status, queue position, live progress, results (info, image links), error
 - GET    /api/v1/jobs/{id}/images/{n}    the n-th picture (PNG with its infotext)
@@ -55,11 +55,9 @@ def jobs_router(backend: LocalBackend, auth: Any) -> APIRouter:
     @router.post("", status_code=202)
     async def create(body: dict[str, Any] = Body(..., examples=[{"task": "txt2img", "prompt": "a lighthouse",
                                                                   "steps": 20, "seed": 1}])) -> JSONResponse:
-        """Queue a job and return its id at once. `task` is txt2img (default) or img2img (with `mask`: inpaint);
-        the other fields are those of /sdapi/v1/txt2img or /sdapi/v1/img2img."""
+        """Queue a job and return its id at once. `task` is txt2img (default), img2img (with `mask`: inpaint)
+        or inpaint; the other fields are those of /sdapi/v1/txt2img or /sdapi/v1/img2img."""
         task = body.pop("task", "img2img" if body.get("init_images") else "txt2img")
-        if task not in ("txt2img", "img2img"):
-            raise ApiError(400, f"task must be txt2img or img2img, got {task!r}")
         rec, _ = await asyncio.to_thread(backend.submit, "job", task, body, True)
         out = job_json(backend, backend.get(rec.id) or rec)
         return JSONResponse(out, status_code=202, headers={"Location": out["links"]["self"]})

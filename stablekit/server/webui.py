@@ -21,42 +21,49 @@ are made by the server), the hires fields while enable_hr is false, other overri
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from PIL import Image
 
 from ..diffusion.samplers import find_sampler
 from ..images import parse_infotext
-from ..params import MAX_SEED, GenerationParams
+from ..params import MAX_SEED, Api, GenerationParams, settings
+from ..pipeline.tasks import TASKS, Task
 from .api_models import Img2ImgRequest, ProcessingFields, Txt2ImgRequest
 from .config import Limits
 from .errors import ApiError
 from .uploads import decode_picture
 
-RESIZE_MODES = {0: "just-resize", 1: "crop-and-resize", 2: "resize-and-fill"}
-INPAINTING_FILL = {0: "fill", 1: "original", 2: "latent-noise", 3: "latent-nothing"}
-
-
 @dataclass
 class Work:
     """One job made concrete: what the worker runs."""
 
-    task: str  # txt2img, img2img or inpaint
+    task: str  # a name in the task table: txt2img, img2img or inpaint
     params: GenerationParams  # validated, with a concrete seed
     n_iter: int
-    image: Image.Image | None = None
-    mask: Image.Image | None = None
+    inputs: dict[str, Any] = field(default_factory=dict)  # the task's inputs (image, mask, ...)
     checkpoint: str | None = None  # override_settings.sd_model_checkpoint; None = the current model
 
     @property
-    def images_total(self) -> int:
-        return self.params.batch_size * self.n_iter
+    def image(self) -> Image.Image | None:
+        return self.inputs.get("image")
+
+    @property
+    def mask(self) -> Image.Image | None:
+        return self.inputs.get("mask")
+
+
+# The tasks reachable over HTTP and the web UI's request shape for each (inpainting is img2img with a
+# mask there; the job API also takes it by its own name).
+REQUESTS: dict[str, type[ProcessingFields]] = {"txt2img": Txt2ImgRequest, "img2img": Img2ImgRequest,
+                                               "inpaint": Img2ImgRequest}
 
 
 def parse_request(task: str, body: dict[str, Any]) -> ProcessingFields:
-    model = Img2ImgRequest if task == "img2img" else Txt2ImgRequest
-    return model.model_validate(body)
+    if task not in REQUESTS:
+        raise ApiError(400, f"task must be one of {', '.join(REQUESTS)}, got {task!r}")
+    return REQUESTS[task].model_validate(body)
 
 
 def _v(req: ProcessingFields, name: str) -> Any:
@@ -112,62 +119,70 @@ def _limits(p: GenerationParams, n_iter: int, limits: Limits) -> None:
                             f"of {limits.max_batch}")
 
 
+def api_value(req: ProcessingFields, name: str, api: Api, defaults: dict[str, Any]) -> Any:
+    """One GenerationParams field's value from a request, by its declaration; None: not given.
+
+    `defaults` holds the server's settings for override_settings keys (CLIP_stop_at_last_layers).
+    """
+    if api.where == "override":
+        value = (req.override_settings or {}).get(api.key, defaults.get(name))
+    else:
+        value = _v(req, api.key)
+    if value is None or api.values is None:
+        return value
+    if value not in api.values:
+        choices = ", ".join(f"{k!r} ({v})" for k, v in api.values.items())
+        raise ApiError(400, f"{api.key} must be one of {choices}, got {value!r}")
+    return api.values[value]
+
+
+def request_fields(task: Task, req: ProcessingFields, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The task's GenerationParams fields from a web-UI request, through each field's declared API place."""
+    declared = settings()
+    values = {name: api_value(req, name, declared[name].api, defaults) for name in task.fields}
+    # Where the web UI's request differs from a plain field:
+    values["sampler"] = req.sampler_name or req.sampler_index or "Euler"  # sampler_index is the older name
+    values["scheduler"] = req.scheduler or "automatic"  # empty: the sampler's own
+    if "eta" in values and "eta" not in find_sampler(values["sampler"])[0].options:
+        values["eta"] = None  # the web UI ignores eta where a sampler has none
+    if "mask_blur" in task.fields:
+        blur_x, blur_y = _v(req, "mask_blur_x"), _v(req, "mask_blur_y")
+        if req.mask_blur is not None:
+            blur_x = blur_y = req.mask_blur
+        if blur_x != blur_y:
+            raise ApiError(400, f"mask_blur_x {blur_x} != mask_blur_y {blur_y}: only round blur is supported")
+        values["mask_blur"] = float(blur_x)
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def to_work(task: str, req: ProcessingFields, limits: Limits, allow_urls: bool, clip_skip: int = 1) -> Work:
     """Validate a request into Work; every refusal is an ApiError or ValueError (400)."""
     req = _apply_infotext(req)
     _refuse_unsupported(req)
-    sampler = req.sampler_name or req.sampler_index or "Euler"
-    spec, _ = find_sampler(sampler)
-    overrides = req.override_settings or {}
-    clip = overrides.get("CLIP_stop_at_last_layers", clip_skip)
-    eta = req.eta if "eta" in spec.options else None  # the web UI ignores eta where a sampler has none
-    fields: dict[str, Any] = dict(
-        prompt=_v(req, "prompt"), negative_prompt=_v(req, "negative_prompt"), steps=_v(req, "steps"),
-        cfg_scale=float(_v(req, "cfg_scale")), sampler=sampler, scheduler=req.scheduler or "automatic",
-        seed=_v(req, "seed"), width=_v(req, "width"), height=_v(req, "height"), batch_size=_v(req, "batch_size"),
-        clip_skip=clip, eta=eta, s_noise=1.0 if req.s_noise is None else float(req.s_noise),
-    )
-    if not isinstance(clip, int) or isinstance(clip, bool):
-        raise ApiError(400, f"CLIP_stop_at_last_layers must be a whole number, got {clip!r}")
-    n_iter = _v(req, "n_iter")
-    image = mask = None
+    inputs: dict[str, Any] = {}
     if isinstance(req, Img2ImgRequest):
         if not req.init_images:
             raise ApiError(404, "Init image not found", name="NotFound")
-        if _v(req, "resize_mode") not in RESIZE_MODES:
-            raise ApiError(400, f"resize_mode must be 0 (just resize), 1 (crop and resize) or 2 (resize and fill), "
-                                f"got {req.resize_mode}")
-        image = decode_picture(req.init_images[0], limits, allow_urls, "init_images[0]")
-        fields.update(denoising_strength=float(_v(req, "denoising_strength")),
-                      resize_mode=RESIZE_MODES[_v(req, "resize_mode")])
+        inputs["image"] = decode_picture(req.init_images[0], limits, allow_urls, "init_images[0]")
+        if task == "inpaint" and not req.mask:
+            raise ApiError(400, "inpaint needs a mask")
         if req.mask:
             task = "inpaint"
-            mask = binary_mask(decode_picture(req.mask, limits, allow_urls, "mask", mode=None))
-            blur_x, blur_y = _v(req, "mask_blur_x"), _v(req, "mask_blur_y")
-            if req.mask_blur is not None:
-                blur_x = blur_y = req.mask_blur
-            if blur_x != blur_y:
-                raise ApiError(400, f"mask_blur_x {blur_x} != mask_blur_y {blur_y}: only round blur is supported")
-            fill = _v(req, "inpainting_fill")
-            if fill not in INPAINTING_FILL:
-                raise ApiError(400, f"inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 "
-                                    f"(latent nothing), got {fill}")
-            fields.update(mask_blur=float(blur_x), masked_content=INPAINTING_FILL[fill],
-                          invert_mask=bool(_v(req, "inpainting_mask_invert")),
-                          inpaint_area="masked" if _v(req, "inpaint_full_res") else "whole",
-                          inpaint_padding=_v(req, "inpaint_full_res_padding"),
-                          inpaint_method=req.inpainting_method or "auto")
+            inputs["mask"] = binary_mask(decode_picture(req.mask, limits, allow_urls, "mask", mode=None))
+            inputs["resize_mask"] = True  # the web UI resizes a mask of another size
+    fields = request_fields(TASKS[task], req, {"clip_skip": clip_skip})
     try:
         params = GenerationParams(**fields).validated()
     except TypeError as e:
         raise ApiError(400, str(e)) from None
+    n_iter = _v(req, "n_iter")
     _limits(params, n_iter, limits)
     if params.seed + params.batch_size * n_iter - 1 > MAX_SEED:
         raise ApiError(400, f"seed {params.seed} + {params.batch_size * n_iter} pictures goes past {MAX_SEED}")
-    checkpoint = overrides.get("sd_model_checkpoint")
+    checkpoint = (req.override_settings or {}).get("sd_model_checkpoint")
     if checkpoint is not None and not isinstance(checkpoint, str):
         raise ApiError(400, "override_settings.sd_model_checkpoint must be a string")
-    return Work(task, params, n_iter, image, mask, checkpoint)
+    return Work(task, params, n_iter, inputs, checkpoint)
 
 
 def binary_mask(mask: Image.Image) -> Image.Image:

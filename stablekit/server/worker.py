@@ -288,17 +288,11 @@ class LocalBackend:
                 if progress.interrupted:
                     break
                 progress.job_no, progress.step, progress.skipped = k, 0, False
-                p = iteration_params(work, k)
-                if work.task == "txt2img":
-                    pictures += engine.txt2img(p, callback=callback)
-                elif work.task == "img2img":
-                    pictures += engine.img2img(work.image, p, callback=callback)
-                else:
-                    pictures += engine.inpaint(work.image, work.mask, p, callback=callback, resize_mask=True)
+                pictures += engine.run(work.task, iteration_params(work, k), callback=callback, **work.inputs)
         infotexts = [im.info.get("parameters", "") for im in pictures]
         model = engine.loaded
         info = info_json(work, infotexts, Path(model.name).stem, model.short_hash, progress.timestamp,
-                         engine.config.variant == "inpaint", f"stablekit {__version__}")
+                         engine.config.inputs == "inpaint", f"stablekit {__version__}")
         names = []
         if rec.persist:
             folder = self.config.outputs / rec.id  # the id is ours: no client string in any path
