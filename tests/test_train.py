@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import stablekit
 from stablekit.cli import main
-from stablekit.demo.recipe import DEMO_CONFIG, Recipe, train_demo
+from stablekit.train.demo import DEMO_CONFIG, Recipe, train_demo
 from stablekit.train.common import StageConfig
 
 TINY = Recipe(

@@ -29,6 +29,10 @@ def ldm_yaml(cfg: ModelConfig) -> dict:
             "transformer_depth": u.transformer_depth, "context_dim": u.context_dim,
             "use_linear_in_transformer": u.use_linear_in_transformer}
     unet.update({"num_heads": u.num_heads} if u.num_heads > 0 else {"num_head_channels": u.num_head_channels})
+    if u.num_classes:  # class labels through an embedding table
+        unet["num_classes"] = u.num_classes
+    if u.adm_in_channels:  # a float vector through two linear layers
+        unet.update(num_classes="sequential", adm_in_channels=u.adm_in_channels)
     ddconfig = {"ch": v.ch, "ch_mult": list(v.ch_mult), "num_res_blocks": v.num_res_blocks, "z_channels": v.z_channels,
                 "in_channels": 3, "out_ch": 3, "resolution": 256, "double_z": True, "attn_resolutions": []}
     # Not LDM keys but diffusers' name, which stablekit's .yaml reader accepts: only small models need it.

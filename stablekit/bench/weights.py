@@ -18,7 +18,7 @@ def shapes_config(shapes: str) -> ModelConfig:
     if shapes == "sd1.5":
         return PRESETS["sd1"]
     if shapes == "demo":
-        from ..demo.recipe import DEMO_CONFIG
+        from ..train.demo import DEMO_CONFIG
 
         return DEMO_CONFIG
     raise ValueError(f"unknown shapes '{shapes}'; choose sd1.5 or demo")

@@ -20,7 +20,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from .errors import ApiError
 from .jobs import FINISHED, RUNNING, JobRecord, valid_job_id
-from .previews import latent_preview, png_base64
+from .previews import png_base64
 from .worker import LocalBackend
 
 POLL_S = 0.2  # how often the event stream looks at the job
@@ -117,7 +117,7 @@ async def _stream(backend: LocalBackend, job_id: str, request: Request, previews
             latent = p.latent
             if previews and latent is not None:
                 yield _event("preview", {"id": job_id, "step": p.step,
-                                         "image": "data:image/png;base64," + png_base64(latent_preview(latent))})
+                                         "image": "data:image/png;base64," + png_base64(backend.preview(latent))})
             idle = 0.0
         await asyncio.sleep(POLL_S)
         idle += POLL_S

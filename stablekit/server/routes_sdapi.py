@@ -19,7 +19,7 @@ from ..images import parse_infotext
 from .api_models import (GenerationResponse, Img2ImgRequest, PNGInfoRequest, PNGInfoResponse, ProgressResponse,
                          ProgressState, SamplerItem, SchedulerItem, SDModelItem, Txt2ImgRequest)
 from .errors import ApiError
-from .previews import latent_preview, png_base64
+from .previews import png_base64
 from .uploads import decode_picture
 from .webui import echo
 from .worker import LocalBackend
@@ -59,7 +59,7 @@ def sdapi_router(backend: LocalBackend, auth: Any) -> APIRouter:
         elapsed = time.time() - p.started
         eta = elapsed / fraction - elapsed if fraction > 0 else 0
         latent = p.latent
-        image = None if skip_current_image or latent is None else png_base64(latent_preview(latent))
+        image = None if skip_current_image or latent is None else png_base64(backend.preview(latent))
         return {"progress": fraction, "eta_relative": eta, "state": state, "current_image": image,
                 "textinfo": p.textinfo or None, "current_task": p.job_id}
 

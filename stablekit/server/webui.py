@@ -1,12 +1,14 @@
 """The web UI's request fields -> GenerationParams and a task; results -> its response and `info`.
 
-Implemented: prompt, negative_prompt, seed (-1 random, image i gets seed+i), sampler_name /
-sampler_index, scheduler, steps, cfg_scale, width, height, batch_size, n_iter (iteration k starts
-at seed + k*batch_size, as there), eta, s_noise, denoising_strength, resize_mode 0-2, mask,
-mask_blur (x = y), inpainting_fill, inpaint_full_res(_padding), inpainting_mask_invert,
-override_settings {sd_model_checkpoint, CLIP_stop_at_last_layers}, send_images, save_images,
-include_init_images, infotext (fills fields the request left unset); and one field of stablekit's
-own, inpainting_method (auto, blend or model; the browser UI's picker).
+Each GenerationParams field is read from the place its declaration names (`params.Setting.api`):
+prompt, negative_prompt, seed (-1 random, image i gets seed+i), sampler_name / sampler_index,
+scheduler, steps, cfg_scale, width, height, batch_size, eta, s_noise, denoising_strength,
+resize_mode 0-2, mask_blur (x = y), inpainting_fill, inpaint_full_res(_padding),
+inpainting_mask_invert, override_settings {CLIP_stop_at_last_layers, inpainting_mask_weight}; and
+stablekit's own fields where the web UI has none: guidance_rescale, inpainting_method (auto, blend
+or model), paste_back, soft_inpainting. Also: mask, n_iter (iteration k starts at seed + k*batch_size,
+as there), override_settings.sd_model_checkpoint, send_images, save_images, include_init_images,
+infotext (fills fields the request left unset).
 
 Refused with 400, because silently ignoring them would give a different picture than asked for:
 enable_hr, restore_faces, tiling, subseed_strength > 0, s_churn/s_tmin/s_tmax/s_min_uncond != 0,

@@ -25,6 +25,7 @@ from .config import ServerConfig
 from .errors import ApiError
 from .jobs import CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, JobQueue, JobRecord, JobStore, LocalQueue, \
     QueueFull, new_job_id
+from .previews import latent_preview
 from .webui import Work, info_json, iteration_params, parse_request, to_work
 
 log = logging.getLogger("stablekit.server")
@@ -142,6 +143,11 @@ class LocalBackend:
     def resolution(self) -> int | None:
         """The loaded model's own picture size (the browser UI's default width and height)."""
         return self._engine.config.resolution if self._engine is not None else None
+
+    def preview(self, latent: torch.Tensor) -> Image.Image:
+        """A cheap picture of a latent, in the loaded model's latent format."""
+        vae = self._engine.config.vae if self._engine is not None else None
+        return latent_preview(latent) if vae is None else latent_preview(latent, rgb_map=vae.preview_rgb)
 
     @property
     def engine(self) -> Engine:

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     if args.train_command == "demo":
-        from ..demo.recipe import Recipe, train_demo
+        from .demo import Recipe, train_demo
 
         recipe = Recipe()
         if args.vae_steps:

@@ -121,7 +121,8 @@ def _averaged(ema: EMA | None) -> Iterator[None]:
 def save_samples(model: StableDiffusionModel, prompts: list[str], path: Path, size: tuple[int, int],
                  seeds: int = 4, device: torch.device = torch.device("cpu")) -> None:
     """A grid through the real pipeline: one row per prompt, `seeds` columns (DPM++ 2M, 20 steps, CFG 7)."""
-    from ..pipeline.tasks import TASKS, TaskContext, run_task
+    from ..pipeline.conditioning import TaskContext
+    from ..pipeline.tasks import TASKS, run_task
 
     was = {m: m.training for m in (model.unet, model.text_encoder)}
     for m in was:

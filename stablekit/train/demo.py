@@ -20,10 +20,10 @@ from safetensors.torch import save_file
 
 from ..config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from ..models import StableDiffusionModel
-from ..train.common import StageConfig
-from ..train.latent import train_latent_diffusion
-from ..train.vae import train_vae
-from .shapes import Scene, caption, random_scene, render
+from .common import StageConfig
+from .latent import train_latent_diffusion
+from .vae import train_vae
+from ..demo.shapes import Scene, caption, random_scene, render
 
 SIZE = 64  # pictures are 64x64, latents 8x8
 
