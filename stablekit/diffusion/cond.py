@@ -56,3 +56,26 @@ class Cond:
         def cast(t: torch.Tensor | None) -> torch.Tensor | None:
             return t.to(dtype) if t is not None and t.is_floating_point() else t
         return Cond(*(cast(p) for p in self._parts()))
+
+
+@dataclass(frozen=True)
+class CondSchedule:
+    """A prompt's conditioning over the denoiser calls (the web UI's prompt editing and alternation).
+
+    entries: (last call it serves, Cond), ascending; calls are counted from 0, one per denoiser
+    evaluation, as the web UI's CFGDenoiser counts its `step`. A plain prompt has one entry.
+    """
+
+    entries: tuple[tuple[int, Cond], ...]
+
+    @staticmethod
+    def constant(cond: Cond) -> CondSchedule:
+        return CondSchedule(((0, cond),))
+
+    def at(self, call: int) -> Cond:
+        for last, cond in self.entries:
+            if call <= last:
+                return cond
+        # Past the schedule's end the web UI's lookup falls back to the first entry; so does this one
+        # (a plain prompt's single entry serves every call).
+        return self.entries[0][1]

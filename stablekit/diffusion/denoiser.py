@@ -15,7 +15,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from .cond import Cond
+from .cond import Cond, CondSchedule
 from .schedule import ModelSchedule
 
 UNetFn = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]  # (x, t [B], cond) -> out; a ControlNet wraps one
@@ -109,31 +109,42 @@ class CFGDenoiser:
 
     Cond and uncond go through the network as one batch when their shapes allow, otherwise as two
     calls (a prompt and a negative prompt of different lengths; the web UI's default); with scale 1
-    the uncond half is skipped. `rescale` (phi of Lin et al. 2023, diffusers' guidance_rescale) pulls the guided output's
-    standard deviation back towards the conditional one's, against over-exposure.
+    the uncond half is skipped. Either may be a CondSchedule (prompt editing): the conditioning of
+    each call is looked up by the number of calls so far. `rescale` (phi of Lin et al. 2023,
+    diffusers' guidance_rescale) pulls the guided output's standard deviation back towards the
+    conditional one's, against over-exposure.
     """
 
     def __init__(
         self,
         model: ModelDenoiser,
-        cond: Cond,
-        uncond: Cond,
+        cond: Cond | CondSchedule,
+        uncond: Cond | CondSchedule,
         scale: float,
         rescale: float = 0.0,
     ):
-        self.model, self.cond, self.uncond, self.scale, self.rescale = model, cond, uncond, scale, rescale
-        self.batched = Cond.cat([cond, uncond]) if cond.batchable_with(uncond) else None
+        self.model, self.scale, self.rescale = model, scale, rescale
+        self.cond = cond if isinstance(cond, CondSchedule) else CondSchedule.constant(cond)
+        self.uncond = uncond if isinstance(uncond, CondSchedule) else CondSchedule.constant(uncond)
+        self.calls = 0
+        self._batched: dict[tuple[int, int], Cond | None] = {}  # (id cond, id uncond) -> both as one batch
 
     def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        cond, uncond = self.cond.at(self.calls), self.uncond.at(self.calls)
+        self.calls += 1
         if self.scale == 1.0:
-            return self.model(x, sigma, self.cond)
-        if self.batched is not None:
-            cond, uncond = self.model(torch.cat([x, x]), sigma, self.batched).chunk(2)
+            return self.model(x, sigma, cond)
+        key = (id(cond), id(uncond))
+        if key not in self._batched:  # made once per pair, not per step
+            self._batched[key] = Cond.cat([cond, uncond]) if cond.batchable_with(uncond) else None
+        batched = self._batched[key]
+        if batched is not None:
+            out_cond, out_uncond = self.model(torch.cat([x, x]), sigma, batched).chunk(2)
         else:
-            cond, uncond = self.model(x, sigma, self.cond), self.model(x, sigma, self.uncond)
-        guided = uncond + (cond - uncond) * self.scale
+            out_cond, out_uncond = self.model(x, sigma, cond), self.model(x, sigma, uncond)
+        guided = out_uncond + (out_cond - out_uncond) * self.scale
         if self.rescale > 0:
-            guided = self._rescaled(x, sigma, cond, guided)
+            guided = self._rescaled(x, sigma, out_cond, guided)
         return guided
 
     def _rescaled(self, x: torch.Tensor, sigma: float, cond: torch.Tensor, guided: torch.Tensor) -> torch.Tensor:

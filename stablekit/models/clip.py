@@ -22,6 +22,20 @@ def _activation(name: str):
     return F.gelu
 
 
+# (row, first position, vectors [n, width]): learned vectors that stand in for n token embeddings
+Replacements = list[tuple[int, int, torch.Tensor]]
+
+
+def _replace(x: torch.Tensor, vectors: Replacements | None) -> torch.Tensor:
+    """Token embeddings [B, n, C] with the given rows' positions overwritten (the web UI's EmbeddingsWithFixes)."""
+    if not vectors:
+        return x
+    x = x.clone()
+    for row, start, v in vectors:
+        x[row, start : start + v.shape[0]] = v.to(x.dtype)
+    return x
+
+
 def _causal_mask(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.full((n, n), float("-inf"), dtype=dtype, device=device).triu_(1)  # [n, n]
 
@@ -106,11 +120,11 @@ class CLIPTextEncoder(nn.Module):
         self.cfg = cfg
         self.transformer = _TransformersCLIP(cfg)
 
-    def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
-        """ids [B, 77] -> hidden states [B, 77, width]."""
+    def forward(self, ids: torch.Tensor, clip_skip: int = 1, vectors: Replacements | None = None) -> torch.Tensor:
+        """ids [B, 77] -> hidden states [B, 77, width]; `vectors` replace token embeddings (textual inversion)."""
         tm = self.transformer.text_model
         n = ids.shape[1]
-        x = tm.embeddings.token_embedding(ids) + tm.embeddings.position_embedding.weight[:n]
+        x = _replace(tm.embeddings.token_embedding(ids), vectors) + tm.embeddings.position_embedding.weight[:n]
         mask = _causal_mask(n, x.dtype, x.device)
         for layer in tm.encoder.layers[: _layers_used(self.cfg.layers, clip_skip)]:
             x = layer(x, mask)
@@ -184,11 +198,11 @@ class OpenCLIPTextEncoder(nn.Module):
         self.cfg = cfg
         self.model = _OpenCLIPText(cfg)
 
-    def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
-        """ids [B, 77] -> hidden states [B, 77, width]."""
+    def forward(self, ids: torch.Tensor, clip_skip: int = 1, vectors: Replacements | None = None) -> torch.Tensor:
+        """ids [B, 77] -> hidden states [B, 77, width]; `vectors` replace token embeddings (textual inversion)."""
         m = self.model
         n = ids.shape[1]
-        x = m.token_embedding(ids) + m.positional_embedding[:n]
+        x = _replace(m.token_embedding(ids), vectors) + m.positional_embedding[:n]
         mask = _causal_mask(n, x.dtype, x.device)
         for block in m.transformer.resblocks[: _layers_used(self.cfg.layers, clip_skip)]:
             x = block(x, mask)
