@@ -31,6 +31,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="decode and encode in overlapping tiles: large pictures in bounded memory")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet (the first step is slow while it compiles)")
+    p.add_argument("--vae", type=Path, default=None,
+                   help="a VAE file (original layout) or diffusers AutoencoderKL folder replacing the model's")
+    p.add_argument("--lora-dir", type=Path, default=None, help="where <lora:NAME:WEIGHT> tags of the prompt are found")
+    p.add_argument("--embeddings-dir", type=Path, default=None,
+                   help="textual-inversion embeddings; each file's name is its trigger word")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +85,8 @@ def _add_task_args(t: argparse.ArgumentParser, task: Task) -> None:
         help = s.help + (_SIZE_HELP[task.size_of is not None] if name in ("width", "height") else "")
         if isinstance(default, bool):  # a switch: --x turns a False default on, --no-x a True one off
             t.add_argument(*flags, dest=name, action="store_false" if default else "store_true", help=help)
+        elif s.repeat:
+            t.add_argument(*flags, dest=name, type=s.parse, action="append", default=[], help=help)
         else:
             t.add_argument(*flags, dest=name, type=s.type or type(default), default=default, choices=s.choices,
                            required=name == "prompt", help=help)
@@ -89,7 +96,11 @@ def _add_task_args(t: argparse.ArgumentParser, task: Task) -> None:
 
 def _params(args: argparse.Namespace, task: Task) -> GenerationParams:
     """Arguments -> validated params, checked before any time is spent on loading."""
-    return GenerationParams(**{name: getattr(args, name) for name in task.fields}).validated()
+    return GenerationParams(**{name: _value(getattr(args, name)) for name in task.fields}).validated()
+
+
+def _value(arg):
+    return tuple(arg) if isinstance(arg, list) else arg  # repeated flags are tuples in the params
 
 
 def _inputs(args: argparse.Namespace, task: Task) -> dict:
@@ -122,7 +133,8 @@ def _generate(args: argparse.Namespace) -> int:
         args.model = demo_model()
     set_threads(args.threads)
     engine = load(args.model, dtype=args.dtype, device=args.device, prediction=args.prediction,
-                  zero_terminal_snr=args.zero_terminal_snr, vae_tiling=args.vae_tiling, compile=args.compile)
+                  zero_terminal_snr=args.zero_terminal_snr, vae_tiling=args.vae_tiling, compile=args.compile,
+                  vae=args.vae, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
     for note in engine.loaded.notes:
         print(f"stablekit: {note}", file=sys.stderr)
     print(f"stablekit: loaded {engine.config.name} in {time.perf_counter() - t0:.1f}s "

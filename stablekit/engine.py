@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from . import __version__
+from .addons.session import Addons
 from .checkpoint import LoadedModel, load_model
 from .config import ModelConfig, Prediction
 from .detect import CheckpointError
@@ -67,16 +68,18 @@ class Engine:
     methods are short spellings of it.
     """
 
-    def __init__(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype, quantize_timesteps: bool = False):
+    def __init__(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype, quantize_timesteps: bool = False,
+                 addons: Addons | None = None):
         cfg = loaded.config
         if not tasks.runnable(cfg):
             raise CheckpointError(f"this is {cfg.kind.what}; no task here runs it yet")
         self.loaded = loaded
         self.device = device
         self.dtype = dtype
+        self.addons = addons or Addons(loaded.model)
         self.context = TaskContext(
             loaded.model, CLIPTokenizer(pad_id=cfg.text.pad_id), ModelSchedule(cfg.schedule), device, dtype,
-            quantize_timesteps,
+            quantize_timesteps, self.addons.embeddings,
         )
 
     def set_vae_tiling(self, tiling: bool | Tiling) -> None:
@@ -101,10 +104,17 @@ class Engine:
 
         `inputs` are the task's own (image, mask, ...); `noise` [B, 4, H/8, W/8] replaces the seeded noise.
         """
+        pictures, p, _ = self._run(task, params, noise, callback, inputs)
+        return pictures, p
+
+    def _run(self, task: str, params: GenerationParams, noise: torch.Tensor | None, callback: Callback | None,
+             inputs: dict[str, Any]) -> tuple[torch.Tensor, GenerationParams, dict[str, object]]:
         t = tasks.find_task(task)
         given = t.check_inputs(inputs)
         p = self.complete(params, task, given)
-        return tasks.run_task(self.context, t, p, given, noise, callback), p
+        notes = self.addons.apply(p.prompt, p.loras)  # the job's LoRAs in the weights (tags and files)
+        pictures, job_notes = tasks.run_task(self.context, t, p, given, noise, callback)
+        return pictures, p, {**notes, **job_notes}
 
     def run(
         self, task: str, params: GenerationParams | None = None, *, noise: torch.Tensor | None = None,
@@ -120,8 +130,8 @@ class Engine:
         overrides = {k: v for k, v in inputs_and_fields.items() if k in names}
         inputs = {k: v for k, v in inputs_and_fields.items() if k not in names}
         params = replace(params or GenerationParams(**t.defaults), **overrides)
-        pictures, p = self.run_tensor(task, params, noise=noise, callback=callback, **inputs)
-        return self._with_infotext(pictures, p, t.infotext(p, self.config))
+        pictures, p, notes = self._run(task, params, noise, callback, inputs)
+        return self._with_infotext(pictures, p, {**t.infotext(p, self.config), **notes})
 
     def txt2img_tensor(self, params: GenerationParams, **kw: Any) -> tuple[torch.Tensor, GenerationParams]:
         return self.run_tensor("txt2img", params, **kw)
@@ -165,6 +175,10 @@ class Engine:
             "Model": self.loaded.name,
             "Clip skip": p.clip_skip if p.clip_skip > 1 else None,
             "CFG Rescale phi": p.guidance_rescale or None,  # the key the web UI's CFG-rescale extension writes
+            # As the web UI: only when the prompts have brackets for it to act on.
+            "Emphasis": EMPHASIS_LABELS[p.emphasis] if p.emphasis != "original" and _has_brackets(p) else None,
+            "VAE hash": self.addons.vae[1] if self.addons.vae else None,
+            "VAE": self.addons.vae[0] if self.addons.vae else None,
             **(extra or {}),
             **p.eta_infotext(),
             "Version": f"stablekit {__version__}",
@@ -180,6 +194,13 @@ class Engine:
         return images
 
 
+EMPHASIS_LABELS = {"original": "Original", "no-norm": "No norm", "ignore": "Ignore", "none": "None"}
+
+
+def _has_brackets(p: GenerationParams) -> bool:
+    return any(c in p.prompt + p.negative_prompt for c in "([")
+
+
 def load(
     model: str | Path,
     *,
@@ -190,18 +211,26 @@ def load(
     zero_terminal_snr: bool | None = None,
     vae_tiling: bool | Tiling = False,
     compile: bool = False,
+    vae: str | Path | None = None,
+    lora_dir: str | Path | None = None,
+    embeddings_dir: str | Path | None = None,
 ) -> Engine:
     """Load a checkpoint file, diffusers folder or hub id into an Engine.
 
     `zero_terminal_snr` overrides the model's schedule (diffusers' rescale_betas_zero_snr) for
     models trained that way; None keeps what the checkpoint's config says. `vae_tiling` decodes
     and encodes in tiles (True: 512-pixel tiles; or a Tiling). `compile` runs the UNet through
-    torch.compile; it compiles on its first call.
+    torch.compile; it compiles on its first call. `vae`: a VAE file (original layout, or a diffusers
+    AutoencoderKL folder) replacing the model's; `lora_dir`: where <lora:NAME> tags are found;
+    `embeddings_dir`: textual-inversion embeddings, each file's name its trigger word.
     """
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     loaded = load_model(model, dtype=torch_dtype, device=dev, prediction=prediction, zero_terminal_snr=zero_terminal_snr)
-    engine = Engine(loaded, dev, torch_dtype, quantize_timesteps)
+    addons = Addons(loaded.model, lora_dir, embeddings_dir)
+    if vae is not None:
+        addons.set_vae(vae)
+    engine = Engine(loaded, dev, torch_dtype, quantize_timesteps, addons)
     engine.set_vae_tiling(vae_tiling)
     if compile:
         loaded.model.unet.compile()  # in place: parameter names (and so saving and hashing) stay as they are

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .diffusion.samplers import SamplerSpec, find_sampler
 from .diffusion.schedule import SCHEDULE_LABELS, resolve_schedule
@@ -18,6 +18,7 @@ from .masks import MASKED_CONTENT
 
 INPAINT_METHODS = ("auto", "blend", "model")
 INPAINT_AREAS = ("whole", "masked")
+EMPHASIS_MODES = ("original", "no-norm", "ignore", "none")  # the web UI's "Original", "No norm", "Ignore", "None"
 
 MAX_SEED = 2**32 - 1
 
@@ -39,13 +40,27 @@ class Api:
 
 @dataclass(frozen=True)
 class Setting:
-    """A field's declaration: help, command-line flags (default --field-name) and API place."""
+    """A field's declaration: help, command-line flags (default --field-name) and API place.
+
+    api None: deliberately not reachable over HTTP (it names files on the server's disk).
+    parse: reads one command-line value; repeat: the flag may be given several times (a tuple).
+    """
 
     help: str
-    api: Api
+    api: Api | None
     flags: tuple[str, ...] = ()
     choices: tuple[str, ...] | None = None
     type: type | None = None  # for fields whose default is None
+    parse: Callable[[str], Any] | None = None
+    repeat: bool = False
+
+
+def lora_arg(text: str) -> tuple[str, float]:
+    """FILE[:WEIGHT] -> (file, weight); the weight defaults to 1, as a <lora:name> tag's."""
+    path, sep, weight = text.rpartition(":")
+    if not sep or not weight.replace(".", "", 1).lstrip("-").isdigit():
+        return text, 1.0
+    return path, float(weight)
 
 
 def _f(default: Any, help: str, api: Api, **kw: Any) -> Any:
@@ -71,6 +86,13 @@ class GenerationParams:
     eta: float | None = _f(None, "noise of ancestral samplers and DDIM (default: the sampler's)", Api("eta"),
                            type=float)
     s_noise: float = _f(1.0, "noise multiplier of ancestral/SDE samplers", Api("s_noise"))
+    emphasis: str = _f("original", "how (word:1.2) weights apply: original (the web UI's default), no-norm, ignore, "
+                       "none (brackets are literal)", Api("emphasis", where="override", values={
+                           "Original": "original", "No norm": "no-norm", "Ignore": "ignore", "None": "none"}),
+                       choices=EMPHASIS_MODES)
+    loras: tuple[tuple[str, float], ...] = _f((), "FILE[:WEIGHT]: a LoRA / LyCORIS file to apply (repeatable); "
+                                              "prompts can also say <lora:NAME:WEIGHT>", None, flags=("--lora",),
+                                              parse=lora_arg, repeat=True)
     guidance_rescale: float = _f(0.0, "CFG rescale phi (Lin et al. 2023), 0..1; 0.7 suits zero-terminal-SNR v-models",
                                  Api("guidance_rescale", own=True))  # diffusers' name; the web UI core has none
     # img2img
@@ -143,6 +165,9 @@ class GenerationParams:
             raise ValueError(f"s_noise must be between 0 and 10, got {self.s_noise}")
         if self.eta is not None and not 0 <= self.eta <= 10:
             raise ValueError(f"eta must be between 0 and 10, got {self.eta}")
+        if self.emphasis not in EMPHASIS_MODES:
+            raise ValueError(f"unknown emphasis '{self.emphasis}'; choose from {', '.join(EMPHASIS_MODES)}")
+        loras = tuple((str(path), float(weight)) for path, weight in self.loras)
         if not -1 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be -1 (random) or between 0 and {MAX_SEED}, got {self.seed}")
         spec, named_schedule = find_sampler(self.sampler)
@@ -158,7 +183,7 @@ class GenerationParams:
         seed = random.randrange(MAX_SEED - self.batch_size) if self.seed == -1 else self.seed
         if seed + self.batch_size - 1 > MAX_SEED:
             raise ValueError(f"seed {seed} + batch size {self.batch_size} goes past {MAX_SEED}")
-        return replace(self, sampler=spec.name, scheduler=schedule, seed=seed)
+        return replace(self, sampler=spec.name, scheduler=schedule, seed=seed, loras=loras)
 
     @property
     def sampler_spec(self) -> SamplerSpec:

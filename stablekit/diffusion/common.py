@@ -56,6 +56,8 @@ class SamplerSpec:
     # step would otherwise be wasted (DPM2, DPM2 a, DPM++ 3M SDE).
     discard_penultimate_sigma: bool = False
     schedules: tuple[str, ...] | None = None  # the schedules it can walk; None = all of them
+    # Two model calls per step: the web UI measures prompt-editing schedules in 2 x steps for these.
+    second_order: bool = False
 
     def initial_noise_scale(self, sigma: float) -> float:
         return math.sqrt(1 + sigma**2) if self.vp_start else sigma

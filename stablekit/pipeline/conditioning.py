@@ -8,12 +8,12 @@ the concat tensor back, so no task tests the kind itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 import torch
 
-from ..diffusion.cond import Cond
+from ..addons.embeddings import Embedding
 from ..diffusion.denoiser import CFGDenoiser, ModelDenoiser
 from ..diffusion.schedule import ModelSchedule
 from ..masks import latent_mask
@@ -21,6 +21,7 @@ from ..models import StableDiffusionModel
 from ..models.tokenizer import CLIPTokenizer
 from ..params import GenerationParams
 from .steps import encode_picture
+from .text import TextSettings, encode_prompt, encode_texts, prompt_text
 
 
 @dataclass
@@ -33,6 +34,8 @@ class TaskContext:
     device: torch.device
     dtype: torch.dtype
     quantize_timesteps: bool = False
+    embeddings: Mapping[str, Embedding] = field(default_factory=dict)  # textual inversion, by trigger word
+    notes: dict[str, object] = field(default_factory=dict)  # infotext fields a job adds (a per-job copy)
 
     def denoiser(self) -> ModelDenoiser:
         cfg = self.model.cfg
@@ -45,10 +48,8 @@ class TaskContext:
 
 @torch.inference_mode()
 def encode_text(ctx: TaskContext, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
-    """prompts (B) -> cross-attention tokens [B, 77, C] in the model's dtype. Tokens past 75 are dropped."""
-    device = next(ctx.model.text_encoder.parameters()).device
-    ids = ctx.tokenizer(prompts).to(device)  # [B, 77]
-    return ctx.model.text_encoder(ids, clip_skip=clip_skip)
+    """Plain prompts (B) -> cross-attention tokens [B, 77 * chunks, C] in the model's dtype."""
+    return encode_texts(ctx, prompts, TextSettings(clip_skip, embeddings=ctx.embeddings))
 
 
 # --- extra input channels, by model kind -----------------------------------------------------------
@@ -90,8 +91,16 @@ def extra_inputs(ctx: TaskContext, given: Pictures, batch: int) -> torch.Tensor 
 
 
 def guided_denoiser(ctx: TaskContext, p: GenerationParams, concat: torch.Tensor | None = None) -> CFGDenoiser:
-    """The prompt-guided denoiser: prompt and negative prompt as two Conds sharing the extra channels."""
-    text = encode_text(ctx, [p.prompt] * p.batch_size, p.clip_skip)
-    negative = encode_text(ctx, [p.negative_prompt] * p.batch_size, p.clip_skip)
-    cond, uncond = Cond(text, concat=concat), Cond(negative, concat=concat)
+    """The prompt-guided denoiser: prompt and negative prompt as CondSchedules sharing the extra channels.
+
+    Only the prompt's extra-network tags are cut out (the web UI leaves the negative prompt as it is).
+    Prompt-editing schedules count denoiser calls: twice the steps for second-order samplers, as there.
+    """
+    settings = TextSettings(p.clip_skip, p.emphasis, ctx.embeddings)
+    calls = p.steps * (2 if p.sampler_spec.second_order else 1)
+    cond, used = encode_prompt(ctx, prompt_text(p.prompt), p.batch_size, calls, settings, concat)
+    uncond, used_negative = encode_prompt(ctx, p.negative_prompt, p.batch_size, calls, settings, concat)
+    used.update(used_negative)
+    if used:
+        ctx.notes["TI hashes"] = ", ".join(f"{name}: {emb.hash}" for name, emb in used.items())
     return CFGDenoiser(ctx.denoiser(), cond, uncond, p.cfg_scale, rescale=p.guidance_rescale)

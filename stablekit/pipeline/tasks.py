@@ -8,7 +8,7 @@ routes all dispatch through TASKS, so adding a task is one entry here plus its f
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 import torch
@@ -147,7 +147,7 @@ SIDES = tuple(TaskInput(side, "int", f"pixels to add on the {side}", default=0)
 FILL = TaskInput("fill", "choice", "what the new area starts as", default="edges", choices=("edges", "noise"))
 
 COMMON_FIELDS = ("prompt", "negative_prompt", "steps", "cfg_scale", "sampler", "scheduler", "seed", "width", "height",
-                 "batch_size", "clip_skip", "eta", "s_noise", "guidance_rescale")
+                 "batch_size", "clip_skip", "emphasis", "loras", "eta", "s_noise", "guidance_rescale")
 IMG2IMG_FIELDS = ("denoising_strength", "resize_mode")
 MASK_FIELDS = ("mask_blur", "masked_content", "inpaint_method", "mask_strength", "paste_back", "soft_inpainting")
 INPAINT_FIELDS = IMG2IMG_FIELDS + MASK_FIELDS + ("invert_mask", "inpaint_area", "inpaint_padding")
@@ -173,13 +173,15 @@ TASKS: dict[str, Task] = {t.name: t for t in (
 def run_task(
     ctx: TaskContext, task: Task, p: GenerationParams, inputs: Inputs, noise: torch.Tensor | None = None,
     callback: Callback | None = None,
-) -> torch.Tensor:
-    """Validated params and checked inputs -> pictures [B, 3, H, W]: prepare, sample, finish."""
+) -> tuple[torch.Tensor, dict[str, object]]:
+    """Validated params and checked inputs -> pictures [B, 3, H, W] (prepare, sample, finish), and the
+    infotext fields the job added (the embeddings its prompts used)."""
     task.check_model(ctx.model.cfg)
+    ctx = replace(ctx, notes={})  # this job's own
     canvas = task.prepare(ctx, p, inputs)
     nothing_to_do = task.uses_strength and p.denoising_strength == 0  # the picture is kept as it is
     latents = None if nothing_to_do else task.sample(ctx, p, canvas, noise, callback)
-    return finish(ctx.model, canvas, latents, p.batch_size)
+    return finish(ctx.model, canvas, latents, p.batch_size), ctx.notes
 
 
 def find_task(name: str) -> Task:

@@ -141,7 +141,8 @@ def api_value(req: ProcessingFields, name: str, api: Api, defaults: dict[str, An
 def request_fields(task: Task, req: ProcessingFields, defaults: dict[str, Any]) -> dict[str, Any]:
     """The task's GenerationParams fields from a web-UI request, through each field's declared API place."""
     declared = settings()
-    values = {name: api_value(req, name, declared[name].api, defaults) for name in task.fields}
+    values = {name: api_value(req, name, declared[name].api, defaults) for name in task.fields
+              if declared[name].api is not None}  # the others name files on the server's disk
     # Where the web UI's request differs from a plain field:
     values["sampler"] = req.sampler_name or req.sampler_index or "Euler"  # sampler_index is the older name
     values["scheduler"] = req.scheduler or "automatic"  # empty: the sampler's own

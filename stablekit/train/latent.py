@@ -133,7 +133,7 @@ def save_samples(model: StableDiffusionModel, prompts: list[str], path: Path, si
     for prompt in prompts:
         p = GenerationParams(prompt=prompt, width=size[0], height=size[1], steps=20, seed=0,
                              batch_size=seeds).validated()
-        rows.append(run_task(ctx, TASKS["txt2img"], p, {}))
+        rows.append(run_task(ctx, TASKS["txt2img"], p, {})[0])
     for m, training in was.items():
         m.train(training)
     to_pil(grid(torch.cat(rows), seeds)[None])[0].save(path)
