@@ -27,7 +27,8 @@ def default_loader(config: ServerConfig) -> EngineLoader:
         from ..engine import load as load_engine
 
         return load_engine(spec, dtype=config.dtype, device=config.device, prediction=config.prediction,
-                           vae_tiling=config.vae_tiling)
+                           vae_tiling=config.vae_tiling, vae=config.vae, lora_dir=config.lora_dir,
+                           embeddings_dir=config.embeddings_dir)
     return load
 
 

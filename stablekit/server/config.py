@@ -33,6 +33,9 @@ class ServerConfig:
     device: str | None = None
     prediction: str | None = None
     vae_tiling: bool = False  # decode and encode large pictures tile by tile
+    vae: Path | None = None  # a VAE file replacing the model's
+    lora_dir: Path | None = None  # where <lora:NAME> tags of prompts are found (GET /sdapi/v1/loras)
+    embeddings_dir: Path | None = None  # textual-inversion embeddings (GET /sdapi/v1/embeddings)
 
     @property
     def db_path(self) -> Path:

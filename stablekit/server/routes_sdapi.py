@@ -126,6 +126,25 @@ def sdapi_router(backend: LocalBackend, auth: Any) -> APIRouter:
         return {"api": True, "nowebui": True, "ckpt": c.model, "ckpt_dir": str(c.models_dir) if c.models_dir else None,
                 "api_auth": None, "cors_allow_origins": ",".join(c.cors_origins) or None}
 
+    @router.get("/loras")
+    def loras() -> list[dict[str, Any]]:
+        """The LoRA folder's files, as the web UI's Lora extension lists them."""
+        addons = backend.engine.addons
+        return [{"name": name, "alias": name, "path": str(path.relative_to(addons.lora_dir)), "metadata": {}}
+                for name, path in addons.lora_files().items()]  # paths relative to the folder: no server paths
+
+    @router.get("/embeddings")
+    def embeddings() -> dict[str, Any]:
+        """Loaded textual-inversion embeddings, in the web UI's shape."""
+        loaded = {name: {"step": e.step, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": e.dim,
+                         "vectors": e.num_vectors} for name, e in backend.engine.addons.embeddings.items()}
+        return {"loaded": loaded, "skipped": {}}
+
+    @router.get("/sd-vae")
+    def sd_vae() -> list[dict[str, Any]]:
+        vae = backend.engine.addons.vae
+        return [] if vae is None else [{"model_name": vae[0], "filename": str(backend.config.vae)}]
+
     @router.get("/scripts")
     def scripts() -> dict[str, list[str]]:
         return {"txt2img": [], "img2img": []}  # no extension scripts
