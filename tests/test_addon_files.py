@@ -25,6 +25,7 @@ from stablekit.detect import CheckpointError
 from stablekit.models.vae import AutoencoderKL
 
 from .conftest import ldm_state_dict, randomize, tiny_config
+from .test_bad_input import payload, save_pickle
 
 VAE = "first_stage_model."
 
@@ -184,29 +185,9 @@ def test_bad_embeddings_give_clear_errors(tmp_path, case, message):
 # --- malicious pickles -----------------------------------------------------------------------------
 
 
-class OpenFile:
-    """Unpickling this creates `marker`: a stand-in for arbitrary code."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-class RunShell(OpenFile):
-    def __reduce__(self):
-        return (os.system, (f"touch '{self.marker}'",))
-
-
 def evil_embedding(kind: str, path: Path, marker: Path) -> Path:
-    payload = RunShell(marker) if kind == "shell" else OpenFile(marker)
-    obj = {"string_to_token": {"*": 265}, "string_to_param": {"*": payload}, "name": "evil", "step": 1}
-    if kind == "legacy":  # a plain pickle stream
-        path.write_bytes(pickle.dumps(obj, protocol=2))
-    else:
-        torch.save(obj, path)
-    return path
+    obj = {"string_to_token": {"*": 265}, "string_to_param": {"*": payload(kind, marker)}, "name": "evil", "step": 1}
+    return save_pickle(obj, path, kind)
 
 
 @pytest.mark.parametrize("kind", ["zip", "legacy", "shell"])
@@ -403,7 +384,7 @@ def test_bad_vae_files_give_clear_errors(tiny_models, new_vae, tmp_path, case, m
 
 def test_evil_vae_ckpt_is_refused_without_running(tmp_path):
     marker = tmp_path / "pwned"
-    torch.save({"state_dict": {"encoder.conv_in.weight": OpenFile(marker)}}, path := tmp_path / "evil.vae.ckpt")
+    torch.save({"state_dict": {"encoder.conv_in.weight": payload("zip", marker)}}, path := tmp_path / "evil.vae.ckpt")
     with pytest.raises(CheckpointError, match="nothing in it was executed"):
         read_vae_file(path)
     assert not marker.exists()

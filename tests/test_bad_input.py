@@ -205,13 +205,22 @@ class RunShell:
         return (os.system, (f"touch '{self.marker}'",))
 
 
-def write_payload(kind: str, path: Path, marker: Path) -> Path:
-    obj = {"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": OpenFile(marker) if kind != "shell" else RunShell(marker)}}
+def payload(kind: str, marker: Path) -> OpenFile | RunShell:
+    """An object whose unpickling creates `marker` (by opening it, or through a shell)."""
+    return RunShell(marker) if kind == "shell" else OpenFile(marker)
+
+
+def save_pickle(obj: object, path: Path, kind: str) -> Path:
     if kind == "legacy":  # a plain pickle stream, as very old checkpoints are
         path.write_bytes(pickle.dumps(obj, protocol=2))
     else:  # the zip format torch.save writes
         torch.save(obj, path)
     return path
+
+
+def write_payload(kind: str, path: Path, marker: Path) -> Path:
+    return save_pickle({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": payload(kind, marker)}},
+                       path, kind)
 
 
 @pytest.mark.parametrize("kind", ["zip", "legacy", "shell"])

@@ -67,11 +67,12 @@ def _parse(text: str, emphasis: str) -> list[tuple[str, float]]:
 
 def emphasize(z: torch.Tensor, multipliers: torch.Tensor, mode: str) -> torch.Tensor:
     """z [R, 77, C] of one chunk position, multipliers [R, 77] -> weighted z (see the module docstring)."""
-    if mode not in ("original", "no-norm"):
-        return z
+    if mode not in ("original", "no-norm") or bool((multipliers == 1).all()):
+        return z  # nothing weighted: the web UI's rescale is by exactly 1 there
     weighted = z.float() * multipliers[..., None]
-    if mode == "original":  # one scalar mean over the whole batch encoded together, as the web UI takes it
-        weighted = weighted * (z.float().mean() / weighted.mean())
+    new_mean = weighted.mean()
+    if mode == "original" and new_mean != 0:  # one scalar mean over the whole batch encoded together, as there
+        weighted = weighted * (z.float().mean() / new_mean)  # (a zero mean, as in zero-bias test weights: no rescale)
     return weighted.to(z.dtype)
 
 
