@@ -247,3 +247,30 @@ def test_server_takes_lora_tags_and_lists_add_ons(sd1, lora_dir, tmp_path):
         assert "Lora hashes: \"shiny: " in infotext and "Emphasis: No norm" in infotext
         bad = c.post("/sdapi/v1/txt2img", json={**body, "prompt": "<lora:missing:1> x"})
         assert bad.status_code == 400 and "unknown LoRA 'missing'" in bad.json()["errors"]
+        # The picture's own infotext, read back by png-info and sent as `infotext`, makes the same picture.
+        picture = r.json()["images"][0]
+        read = c.post("/sdapi/v1/png-info", json={"image": picture}).json()["info"]
+        assert read == infotext
+        again = c.post("/sdapi/v1/txt2img", json={"infotext": read})
+        assert again.status_code == 200 and again.json()["images"][0] == picture
+
+
+def test_webuiapi_client_sends_tags_and_weights_unchanged(sd1, lora_dir, tmp_path):
+    webuiapi = pytest.importorskip("webuiapi")
+    from .server_support import Server
+
+    tiny, _, _ = sd1
+    srv = Server(tiny.single_file, tmp_path, "--lora-dir", str(lora_dir))
+    try:
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=srv.port)
+        prompt = "<lora:shiny:0.6> a (red:1.2) circle BREAK [on:in:1] a blue background"
+        got = api.txt2img(prompt=prompt, negative_prompt="blurry", seed=5, steps=3, width=W, height=H)
+    finally:
+        srv.stop()
+    engine = stablekit.load(tiny.single_file, lora_dir=lora_dir)
+    want = engine.txt2img(prompt=prompt, negative_prompt="blurry", seed=5, steps=3, width=W, height=H,
+                          sampler="Euler a", eta=1.0)[0]  # what webuiapi sends by default
+    import numpy as np
+
+    assert np.array_equal(np.asarray(got.image), np.asarray(want))
+    assert "Lora hashes" in got.info["infotexts"][0]

@@ -106,7 +106,17 @@ def _apply_infotext(req: ProcessingFields) -> ProcessingFields:
                "scheduler": "Schedule type", "cfg_scale": "CFG scale", "seed": "Seed", "width": "Size-1",
                "height": "Size-2", "denoising_strength": "Denoising strength"}
     updates = {f: info[k] for f, k in mapping.items() if k in info and f not in req.model_fields_set}
+    # Settings the infotext records go to override_settings, under the web UI's option names.
+    options = {"Clip skip": "CLIP_stop_at_last_layers", "Emphasis": "emphasis"}
+    given = req.override_settings or {}
+    overrides = {o: _int_or_text(info[k]) for k, o in options.items() if k in info and o not in given}
+    if overrides:
+        updates["override_settings"] = {**given, **overrides}
     return type(req).model_validate({**req.model_dump(), **updates}) if updates else req
+
+
+def _int_or_text(value: str) -> int | str:
+    return int(value) if value.isdigit() else value
 
 
 def _limits(p: GenerationParams, n_iter: int, limits: Limits) -> None:
