@@ -386,3 +386,32 @@ def test_credentials_are_asked_for_when_the_server_wants_them(browser, tmp_path)
     finally:
         context.close()
         secured.stop()
+
+
+def test_extra_networks_panel_puts_tags_into_the_prompt(browser, tmp_path):
+    """The server's LoRAs and embeddings are listed; a click inserts the tag or trigger word at the cursor."""
+    import torch
+    from safetensors.torch import save_file
+
+    from stablekit.demo import demo_model
+
+    loras, embeddings = tmp_path / "loras", tmp_path / "embeddings"
+    loras.mkdir(), embeddings.mkdir()
+    (loras / "shiny.safetensors").write_bytes(b"listed by name; read only when a prompt uses it")
+    save_file({"emb_params": torch.randn(2, 64)}, str(embeddings / "sparkle.safetensors"))  # the demo's text width
+    srv = Server(demo_model(), tmp_path, "--lora-dir", str(loras), "--embeddings-dir", str(embeddings),
+                 env={"OMP_NUM_THREADS": "1"})
+    try:
+        context, page, errors = open_page(browser, srv)
+        try:
+            page.click("#networks summary")
+            page.fill("#prompt", "a red circle")
+            page.click("#network-list button.lora:has-text('shiny')")
+            page.click("#network-list button.embedding:has-text('sparkle')")
+            assert page.input_value("#prompt") == "a red circle <lora:shiny:1> sparkle"
+            shot(page, "extra-networks.png")
+        finally:
+            context.close()
+        assert not errors, f"JavaScript errors in the page: {errors}"
+    finally:
+        srv.stop()

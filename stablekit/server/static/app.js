@@ -3,6 +3,7 @@ import { ApiError, del, get, post, setCredentials, setLoginHandler, streamEvents
 import { MaskEditor } from "./canvas.js";
 import { Gallery } from "./gallery.js";
 import { fillForm } from "./infotext.js";
+import { loadNetworks } from "./networks.js";
 
 const $ = (id) => document.getElementById(id);
 const FORM_KEY = "stablekit.form";
@@ -366,6 +367,7 @@ async function loadLists() {
   $("model").value = options.sd_model_checkpoint;
   state.resolution = options.stablekit_model_resolution;
   $("sampler_name").value = samplers.some((s) => s.name === "DPM++ 2M") ? "DPM++ 2M" : samplers[0]?.name;
+  await loadNetworks($("networks"), $("network-list"), $("prompt"));
 }
 
 async function start() {
