@@ -16,13 +16,13 @@ import pytest
 
 from stablekit.bench import run
 
-PARTS = ("text", "unet", "vae", "txt2img")
+PARTS = ("text", "unet", "vae", "txt2img", "lora")
 DTYPES = ("fp32", "bf16")
 SIDES = ("stablekit", "diffusers")
 # fp32, same weights and inputs: the same ops in the same order; the measured difference is 0 (UNet,
 # text) or float rounding (VAE, 8e-7). The pictures differ by the sigma interpolation between
 # integer timesteps (log-linear vs linear), which 2 steps (t = 999, 0) do not reach.
-FP32_TOL = {"text": 1e-4, "unet": 1e-4, "vae": 1e-4, "txt2img": 1e-3}
+FP32_TOL = {"text": 1e-4, "unet": 1e-4, "vae": 1e-4, "txt2img": 1e-3, "lora": 1e-3}  # lora: the same LoRA merged
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,7 @@ def test_table_summary_and_machine_info(bench):
     for part in (*PARTS, "large"):
         assert f"\n{part} " in stdout
     assert "bf16 vs fp32" in stdout and "VAE tiling" in stdout
+    assert "LoRA (rank 16, UNet attention) vs plain txt2img, stablekit fp32:" in stdout
     machine = report["machine"]
     assert machine["cpu"] and machine["torch"] and machine["diffusers"] and machine["threads"] >= 1
 

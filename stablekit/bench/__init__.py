@@ -8,7 +8,8 @@ No downloads: random weights with the exact SD 1.5 shapes are written once as a 
 checkpoint (cached), and diffusers' own converters make a pipeline folder from that file. Each
 (side, part, dtype) runs in its own process so its peak resident memory is its own; times are
 medians after a warm-up. Parts: text (tokenizer + CLIP, batch 2), unet (one CFG step: batch 2),
-vae (decode to size x size), txt2img (the whole picture: Euler, CFG 7), large (a bf16 txt2img
+vae (decode to size x size), txt2img (the whole picture: Euler, CFG 7), lora (the same with a
+rank-16 LoRA on the UNet's attention, merged once: its cost per picture), large (a bf16 txt2img
 at --large-size with VAE tiling: its peak memory). Prints one table and writes JSON.
 """
 

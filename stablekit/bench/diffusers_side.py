@@ -6,6 +6,8 @@ never the engine's), and only inside the child process that runs this side.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .inputs import CFG_SCALE, NEGATIVE, PROMPT, Job, txt2img_noise, unet_inputs, vae_latent
@@ -68,6 +70,12 @@ def prepare(job: Job) -> Prepared:
         return Prepared(vae, vae, f"{loaded}; pipe.vae.decode(latent / scaling_factor) -> [0, 1]")
 
     noise = txt2img_noise(job.size).to(job.torch_dtype)  # the pipeline takes latents in its own dtype
+    with_lora = ""
+    if job.part == "lora":  # merged into the weights once, as stablekit does: no cost per step
+        lora = Path(job.lora)
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+        pipe.fuse_lora(lora_scale=1.0)
+        with_lora = "; load_lora_weights + fuse_lora(1.0)"
 
     def generate(n_steps: int) -> torch.Tensor:
         out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=job.size, width=job.size,
@@ -75,6 +83,6 @@ def prepare(job: Job) -> Prepared:
         return out.images.float()
 
     ran = (f"{loaded}; pipe({job.size}x{job.size}, {job.steps} steps, EulerDiscreteScheduler "
-           f"timestep_spacing=linspace, guidance_scale {CFG_SCALE:g}, latents=noise)")
+           f"timestep_spacing=linspace, guidance_scale {CFG_SCALE:g}, latents=noise{with_lora})")
     warmup = None if job.part == "large" else (lambda: generate(1))
     return Prepared(lambda: generate(job.steps), warmup, ran)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-PARTS = ("text", "unet", "vae", "txt2img", "large")
+PARTS = ("text", "unet", "vae", "txt2img", "lora", "large")  # lora: txt2img with a LoRA applied
 SIDES = ("stablekit", "diffusers")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -40,6 +40,7 @@ class Job:
     context_dim: int  # text width of the model: the UNet's cross-attention input
     output: str  # where the child saves its output tensor (float32)
     result: str  # where the child writes its result JSON
+    lora: str = ""  # the `lora` part's LoRA file
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -54,7 +55,7 @@ class Job:
 
     @property
     def compiles_unet(self) -> bool:
-        return self.compile and self.part in ("unet", "txt2img", "large")  # the parts that call the UNet
+        return self.compile and self.part in ("unet", "txt2img", "lora", "large")  # the parts that call the UNet
 
     @property
     def vae_tiling(self) -> bool:

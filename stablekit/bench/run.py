@@ -19,6 +19,7 @@ from ..checkpoint import cache_dir
 from .diffusers_side import MISSING
 from .inputs import PARTS, SEED, SIDES, Job, load_output
 from .report import GB, format_table, machine_info, max_abs_diff, psnr
+from .lora_file import RANK, random_lora
 from .weights import SHAPES, checkpoint_for, shapes_config
 
 LARGE_DTYPE = "bf16"
@@ -137,13 +138,17 @@ def plan(args: argparse.Namespace, checkpoint: Path, folder: Path | None, tmp: P
 
     def add(side: str, part: str, dtype: str, size: int, steps: int, repeats: int) -> None:
         name = f"{side}-{part}-{dtype}"
+        naming = "diffusers" if folder else "original"
+        lora = str(random_lora(checkpoint, folder, checkpoint.with_name(f"{checkpoint.stem}-lora-{naming}.safetensors"))) \
+            if part == "lora" else ""
         jobs.append(Job(side, part, dtype, size, steps, repeats, args.threads, args.compile, str(checkpoint),
-                        str(folder or ""), context_dim, str(tmp / f"{name}.pt"), str(tmp / f"{name}.json")))
+                        str(folder or ""), context_dim, str(tmp / f"{name}.pt"), str(tmp / f"{name}.json"), lora))
 
     for part in (p for p in PARTS if p in args.parts and p != "large"):
         for dtype in args.dtype:
             for side in args.sides:
-                add(side, part, dtype, args.size, args.steps, args.txt2img_repeats if part == "txt2img" else args.repeats)
+                repeats = args.txt2img_repeats if part in ("txt2img", "lora") else args.repeats
+                add(side, part, dtype, args.size, args.steps, repeats)
     if "large" in args.parts:
         for side in args.sides:
             add(side, "large", LARGE_DTYPE, args.large_size, args.large_steps, 1)
@@ -188,6 +193,16 @@ def summary_lines(args: argparse.Namespace, rows: list[dict], quality: dict) -> 
                 else:
                     lines.append(f"compile, {side} txt2img {row['dtype']}: 1-step warm-up generation "
                                  f"{r['warmup_s']:.2f} s (compiling included), not in the timed runs")
+    by_part = {(row["part"], row["dtype"]): row for row in rows}
+    for (part, dtype), row in by_part.items():  # a LoRA's cost: the lora row against the plain txt2img row
+        plain = by_part.get(("txt2img", dtype))
+        if part != "lora" or plain is None:
+            continue
+        for side in SIDES:
+            a, b = plain.get(side), row.get(side)
+            if a and b and "error" not in a and "error" not in b:
+                lines.append(f"LoRA (rank {RANK}, UNet attention) vs plain txt2img, {side} {dtype}: "
+                             f"{b['median_s'] / a['median_s'] - 1:+.1%} per picture after the first")
     for row in rows:
         if row["part"] != "large":
             continue

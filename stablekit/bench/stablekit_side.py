@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from .lora_file import RANK
 from .inputs import CFG_SCALE, NEGATIVE, PROMPT, SEED, Job, txt2img_noise, unet_inputs, vae_latent
 
 Run = Callable[[], torch.Tensor]
@@ -59,12 +60,16 @@ def prepare(job: Job) -> Prepared:
     # txt2img and large: the whole pipeline from prompt to picture, with the shared initial noise.
     noise = txt2img_noise(job.size)
 
+    loras = ((job.lora, 1.0),) if job.part == "lora" else ()  # patched in by the warm-up's job, kept after
+
     def generate(n_steps: int) -> torch.Tensor:
         params = stablekit.GenerationParams(prompt=PROMPT, negative_prompt=NEGATIVE, width=job.size, height=job.size,
-                                            steps=n_steps, cfg_scale=CFG_SCALE, sampler="Euler", seed=SEED)
+                                            steps=n_steps, cfg_scale=CFG_SCALE, sampler="Euler", seed=SEED,
+                                            loras=loras)
         return engine.txt2img_tensor(params, noise=noise)[0]
 
+    with_lora = f", loras=[(rank-{RANK} LoRA on the UNet attention, 1.0)]" if loras else ""
     ran = (f"{loaded}; engine.txt2img_tensor({job.size}x{job.size}, {job.steps} steps, sampler Euler, schedule "
-           f"automatic = uniform (k-diffusion get_sigmas), CFG {CFG_SCALE:g}, noise given)")
+           f"automatic = uniform (k-diffusion get_sigmas), CFG {CFG_SCALE:g}, noise given{with_lora})")
     warmup = None if job.part == "large" else (lambda: generate(1))
     return Prepared(lambda: generate(job.steps), warmup, ran)
