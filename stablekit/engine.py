@@ -214,6 +214,7 @@ def load(
     vae: str | Path | None = None,
     lora_dir: str | Path | None = None,
     embeddings_dir: str | Path | None = None,
+    vae_dir: str | Path | None = None,
 ) -> Engine:
     """Load a checkpoint file, diffusers folder or hub id into an Engine.
 
@@ -222,12 +223,13 @@ def load(
     and encodes in tiles (True: 512-pixel tiles; or a Tiling). `compile` runs the UNet through
     torch.compile; it compiles on its first call. `vae`: a VAE file (original layout, or a diffusers
     AutoencoderKL folder) replacing the model's; `lora_dir`: where <lora:NAME> tags are found;
-    `embeddings_dir`: textual-inversion embeddings, each file's name its trigger word.
+    `embeddings_dir`: textual-inversion embeddings, each file's name its trigger word; `vae_dir`:
+    VAE files to switch between by name (`engine.addons.use_vae`).
     """
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     loaded = load_model(model, dtype=torch_dtype, device=dev, prediction=prediction, zero_terminal_snr=zero_terminal_snr)
-    addons = Addons(loaded.model, lora_dir, embeddings_dir)
+    addons = Addons(loaded.model, lora_dir, embeddings_dir, vae_dir, loaded.path)
     if vae is not None:
         addons.set_vae(vae)
     engine = Engine(loaded, dev, torch_dtype, quantize_timesteps, addons)

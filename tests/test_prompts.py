@@ -274,3 +274,34 @@ def test_webuiapi_client_sends_tags_and_weights_unchanged(sd1, lora_dir, tmp_pat
 
     assert np.array_equal(np.asarray(got.image), np.asarray(want))
     assert "Lora hashes" in got.info["infotexts"][0]
+
+
+def test_server_switches_vae_by_name_and_back(tiny_models, tmp_path):
+    import json
+
+    from fastapi.testclient import TestClient
+    from safetensors.torch import load_file
+
+    from stablekit.server.app import create_app
+    from stablekit.server.config import ServerConfig
+
+    vaes = tmp_path / "vae"
+    vaes.mkdir()
+    other = {k.removeprefix("first_stage_model."): v for k, v in load_file(str(tiny_models["sd2"].single_file)).items()
+             if k.startswith("first_stage_model.")}
+    save_file(other, str(vaes / "other.vae.safetensors"))
+    config = ServerConfig(model=str(tiny_models["sd1"].single_file), outputs=tmp_path / "out", vae_dir=vaes)
+    body = {"prompt": "a red circle", "steps": 2, "width": W, "height": H, "seed": 4}
+    with TestClient(create_app(config), raise_server_exceptions=False) as c:
+        assert c.get("/sdapi/v1/sd-vae").json() == [{"model_name": "other.vae", "filename": "other.vae.safetensors"}]
+        own = c.post("/sdapi/v1/txt2img", json=body).json()
+        swapped = c.post("/sdapi/v1/txt2img", json={**body, "override_settings": {
+            "sd_vae": "other.vae.safetensors"}}).json()
+        back = c.post("/sdapi/v1/txt2img", json=body).json()  # the override is undone afterwards
+        assert own["images"][0] != swapped["images"][0] and back["images"][0] == own["images"][0]
+        assert "VAE: other.vae" in json.loads(swapped["info"])["infotexts"][0]
+        assert c.post("/sdapi/v1/options", json={"sd_vae": "other.vae.safetensors"}).status_code == 200
+        assert c.get("/sdapi/v1/options").json()["sd_vae"] == "other.vae.safetensors"
+        assert c.post("/sdapi/v1/txt2img", json=body).json()["images"][0] == swapped["images"][0]
+        bad = c.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"sd_vae": "nope.pt"}})
+        assert bad.status_code == 400 and "unknown VAE 'nope.pt'" in bad.json()["errors"]

@@ -6,7 +6,8 @@
   another set, leaving the base weights bit-identical.
 - Textual-inversion embeddings from the embeddings folder, read once, each checked against the
   text encoder's width.
-- A replacement VAE file.
+- A replacement VAE: a file given at load, or one of the VAE folder's by name (the web UI's sd_vae);
+  "Automatic" / "None" put the checkpoint's own VAE back.
 """
 
 from __future__ import annotations
@@ -35,8 +36,13 @@ class UsedLora:
 
 class Addons:
     def __init__(self, model: StableDiffusionModel, lora_dir: str | Path | None = None,
-                 embeddings_dir: str | Path | None = None):
+                 embeddings_dir: str | Path | None = None, vae_dir: str | Path | None = None,
+                 checkpoint: Path | None = None):
         self.model = model
+        self.checkpoint = checkpoint  # where the model's own VAE can be read back from
+        self.vae_dir = Path(vae_dir) if vae_dir is not None else None
+        if self.vae_dir is not None and not self.vae_dir.is_dir():
+            raise CheckpointError(f"VAE folder '{self.vae_dir}' not found")
         self.lora_dir = Path(lora_dir) if lora_dir is not None else None
         if self.lora_dir is not None and not self.lora_dir.is_dir():
             raise CheckpointError(f"LoRA folder '{self.lora_dir}' not found")
@@ -97,3 +103,25 @@ class Addons:
     def set_vae(self, path: str | Path) -> None:
         replace_vae(self.model, read_vae_file(path))
         self.vae = (Path(path).stem if Path(path).is_file() else Path(path).name, vae_hash(path))
+
+    def vae_files(self) -> dict[str, Path]:
+        """The VAE folder's files by file name (the web UI's sd_vae values)."""
+        if self.vae_dir is None:
+            return {}
+        return {p.name: p for p in sorted(self.vae_dir.rglob("*")) if p.suffix.lower() in LORA_SUFFIXES}
+
+    def use_vae(self, name: str | None) -> None:
+        """A VAE of the folder by file name; None, "Automatic" or "None": the checkpoint's own."""
+        if name in (None, "Automatic", "None"):
+            if self.vae is not None:
+                if self.checkpoint is None:
+                    raise ValueError("the model's own VAE cannot be read back (it was not loaded from a file)")
+                replace_vae(self.model, read_vae_file(self.checkpoint))
+                self.vae = None
+            return
+        files = self.vae_files()
+        if name not in files:
+            where = f"in {self.vae_dir}" if self.vae_dir else "(no VAE folder was given: --vae-dir)"
+            raise ValueError(f"unknown VAE '{name}' {where}; choose from {', '.join(files) or 'none'}")
+        if self.vae is None or self.vae[0] != files[name].stem:
+            self.set_vae(files[name])

@@ -28,7 +28,7 @@ def default_loader(config: ServerConfig) -> EngineLoader:
 
         return load_engine(spec, dtype=config.dtype, device=config.device, prediction=config.prediction,
                            vae_tiling=config.vae_tiling, vae=config.vae, lora_dir=config.lora_dir,
-                           embeddings_dir=config.embeddings_dir)
+                           embeddings_dir=config.embeddings_dir, vae_dir=config.vae_dir)
     return load
 
 

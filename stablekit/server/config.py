@@ -34,6 +34,7 @@ class ServerConfig:
     prediction: str | None = None
     vae_tiling: bool = False  # decode and encode large pictures tile by tile
     vae: Path | None = None  # a VAE file replacing the model's
+    vae_dir: Path | None = None  # VAE files a client may switch to (sd_vae; GET /sdapi/v1/sd-vae)
     lora_dir: Path | None = None  # where <lora:NAME> tags of prompts are found (GET /sdapi/v1/loras)
     embeddings_dir: Path | None = None  # textual-inversion embeddings (GET /sdapi/v1/embeddings)
 

@@ -99,14 +99,14 @@ def sdapi_router(backend: LocalBackend, auth: Any) -> APIRouter:
     def get_options() -> dict[str, Any]:
         o = backend.options
         return {"sd_model_checkpoint": o.checkpoint.title, "sd_checkpoint_hash": o.checkpoint.sha256,
-                "CLIP_stop_at_last_layers": o.clip_skip, "samples_format": "png", "sd_vae": "Automatic",
+                "CLIP_stop_at_last_layers": o.clip_skip, "samples_format": "png", "sd_vae": o.vae,
                 "eta_noise_seed_delta": 0, "randn_source": "CPU", "inpainting_mask_weight": 1.0,
                 "img2img_color_correction": False, "img2img_background_color": "#ffffff",
                 "stablekit_model_resolution": backend.resolution, **o.extra}  # ours: the model's own size
 
     @router.post("/options")
     def set_options(body: dict[str, Any] = Body(...)) -> None:
-        """Sets sd_model_checkpoint (loads it now) and CLIP_stop_at_last_layers; other keys are ignored."""
+        """Sets sd_model_checkpoint (loads it now), sd_vae and CLIP_stop_at_last_layers; other keys are ignored."""
         if "CLIP_stop_at_last_layers" in body:
             clip = body["CLIP_stop_at_last_layers"]
             if not isinstance(clip, int) or isinstance(clip, bool) or not 1 <= clip <= 12:
@@ -116,6 +116,10 @@ def sdapi_router(backend: LocalBackend, auth: Any) -> APIRouter:
             if not isinstance(name, str):
                 raise ApiError(400, "sd_model_checkpoint must be a string")
             backend.set_checkpoint(name)
+        if "sd_vae" in body:
+            if not isinstance(body["sd_vae"], str):
+                raise ApiError(400, "sd_vae must be a string")
+            backend.set_vae(body["sd_vae"])
         if "CLIP_stop_at_last_layers" in body:
             backend.options.clip_skip = body["CLIP_stop_at_last_layers"]
         return None
@@ -142,8 +146,9 @@ def sdapi_router(backend: LocalBackend, auth: Any) -> APIRouter:
 
     @router.get("/sd-vae")
     def sd_vae() -> list[dict[str, Any]]:
-        vae = backend.engine.addons.vae
-        return [] if vae is None else [{"model_name": vae[0], "filename": str(backend.config.vae)}]
+        """The VAE folder's files (sd_vae values; "Automatic" is the checkpoint's own), names relative to it."""
+        addons = backend.engine.addons
+        return [{"model_name": path.stem, "filename": name} for name, path in addons.vae_files().items()]
 
     @router.get("/scripts")
     def scripts() -> dict[str, list[str]]:

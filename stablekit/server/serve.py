@@ -36,6 +36,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     s.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
     s.add_argument("--vae-tiling", action="store_true", help="decode and encode large pictures tile by tile")
     s.add_argument("--vae", type=Path, help="a VAE file (original layout) or diffusers folder replacing the model's")
+    s.add_argument("--vae-dir", type=Path, help="VAE files clients may switch to by name (sd_vae; GET /sdapi/v1/sd-vae)")
     s.add_argument("--lora-dir", type=Path, help="LoRA files for <lora:NAME:WEIGHT> prompt tags (GET /sdapi/v1/loras)")
     s.add_argument("--embeddings-dir", type=Path, help="textual-inversion embeddings (GET /sdapi/v1/embeddings)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -65,7 +66,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
         allow_url_images=args.allow_url_images, dtype=args.dtype,
         device=None if args.device == "auto" else args.device, prediction=args.prediction,
-        vae_tiling=args.vae_tiling, vae=args.vae, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
+        vae_tiling=args.vae_tiling, vae=args.vae, vae_dir=args.vae_dir, lora_dir=args.lora_dir,
+        embeddings_dir=args.embeddings_dir,
     )
 
 

@@ -46,6 +46,7 @@ class Work:
     n_iter: int
     inputs: dict[str, Any] = field(default_factory=dict)  # the task's inputs (image, mask, ...)
     checkpoint: str | None = None  # override_settings.sd_model_checkpoint; None = the current model
+    vae: str | None = None  # override_settings.sd_vae; None = the current VAE
 
     @property
     def image(self) -> Image.Image | None:
@@ -192,10 +193,12 @@ def to_work(task: str, req: ProcessingFields, limits: Limits, allow_urls: bool, 
     _limits(params, n_iter, limits)
     if params.seed + params.batch_size * n_iter - 1 > MAX_SEED:
         raise ApiError(400, f"seed {params.seed} + {params.batch_size * n_iter} pictures goes past {MAX_SEED}")
-    checkpoint = (req.override_settings or {}).get("sd_model_checkpoint")
-    if checkpoint is not None and not isinstance(checkpoint, str):
-        raise ApiError(400, "override_settings.sd_model_checkpoint must be a string")
-    return Work(task, params, n_iter, inputs, checkpoint)
+    overrides = req.override_settings or {}
+    checkpoint, vae = overrides.get("sd_model_checkpoint"), overrides.get("sd_vae")
+    for name, value in (("sd_model_checkpoint", checkpoint), ("sd_vae", vae)):
+        if value is not None and not isinstance(value, str):
+            raise ApiError(400, f"override_settings.{name} must be a string")
+    return Work(task, params, n_iter, inputs, checkpoint, vae)
 
 
 def binary_mask(mask: Image.Image) -> Image.Image:

@@ -80,6 +80,7 @@ class Progress:
 class Options:
     checkpoint: Checkpoint
     clip_skip: int = 1
+    vae: str = "Automatic"  # sd_vae: a file of --vae-dir, or the checkpoint's own
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -131,6 +132,12 @@ class LocalBackend:
             self._engine, self._engine_title = engine, checkpoint.title  # the old one is freed here
         return self._engine
 
+    def set_vae(self, name: str) -> None:
+        """Switch the VAE now (waits for the running job), as POST /options sd_vae does."""
+        with self._engine_lock:
+            self.engine.addons.use_vae(name)
+        self.options.vae = name
+
     def set_checkpoint(self, name: str) -> Checkpoint:
         """Switch the current model now (waits for the running job), as POST /options does."""
         checkpoint = self.checkpoints.find(name)
@@ -161,6 +168,8 @@ class LocalBackend:
         work = to_work(task, req, self.config.limits, self.config.allow_url_images, self.options.clip_skip)
         if work.checkpoint is not None:
             work.checkpoint = self.checkpoints.find(work.checkpoint).title
+        if work.vae not in (None, "Automatic", "None") and work.vae not in self.engine.addons.vae_files():
+            raise ApiError(400, f"unknown VAE {work.vae!r}; GET /sdapi/v1/sd-vae lists them")
         stored = req.model_dump(exclude_unset=True)
         stored["seed"] = work.params.seed  # a re-run after a restart repeats the same pictures
         stored["override_settings"] = {**(req.override_settings or {}), "CLIP_stop_at_last_layers": work.params.clip_skip}
@@ -287,8 +296,10 @@ class LocalBackend:
         with self._engine_lock:
             checkpoint = self.checkpoints.find(work.checkpoint) if work.checkpoint else self.options.checkpoint
             engine = self._load(checkpoint)
+            engine.addons.use_vae(work.vae or self.options.vae)
             if not restore:
                 self.options.checkpoint = checkpoint
+                self.options.vae = work.vae or self.options.vae
             callback = self._callback(progress)
             for k in range(work.n_iter):
                 if progress.interrupted:
