@@ -76,7 +76,7 @@ class Engine:
         self.loaded = loaded
         self.device = device
         self.dtype = dtype
-        self.addons = addons or Addons(loaded.model)
+        self.addons = addons or Addons(loaded.model, checkpoint=loaded.path)
         self.context = TaskContext(
             loaded.model, CLIPTokenizer(pad_id=cfg.text.pad_id), ModelSchedule(cfg.schedule), device, dtype,
             quantize_timesteps, self.addons.embeddings,
