@@ -86,7 +86,7 @@ def _add_task_args(t: argparse.ArgumentParser, task: Task) -> None:
         if isinstance(default, bool):  # a switch: --x turns a False default on, --no-x a True one off
             t.add_argument(*flags, dest=name, action="store_false" if default else "store_true", help=help)
         elif s.repeat:
-            t.add_argument(*flags, dest=name, type=s.parse, action="append", default=[], help=help)
+            t.add_argument(*flags, dest=name, type=s.parse, action="append", default=[], metavar=s.metavar, help=help)
         else:
             t.add_argument(*flags, dest=name, type=s.type or type(default), default=default, choices=s.choices,
                            required=name == "prompt", help=help)

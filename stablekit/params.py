@@ -53,6 +53,7 @@ class Setting:
     type: type | None = None  # for fields whose default is None
     parse: Callable[[str], Any] | None = None
     repeat: bool = False
+    metavar: str | None = None  # how --help shows the value
 
 
 def lora_arg(text: str) -> tuple[str, float]:
@@ -90,9 +91,9 @@ class GenerationParams:
                        "none (brackets are literal)", Api("emphasis", where="override", values={
                            "Original": "original", "No norm": "no-norm", "Ignore": "ignore", "None": "none"}),
                        choices=EMPHASIS_MODES)
-    loras: tuple[tuple[str, float], ...] = _f((), "FILE[:WEIGHT]: a LoRA / LyCORIS file to apply (repeatable); "
+    loras: tuple[tuple[str, float], ...] = _f((), "a LoRA / LyCORIS file to apply, weight 1 unless given (repeatable); "
                                               "prompts can also say <lora:NAME:WEIGHT>", None, flags=("--lora",),
-                                              parse=lora_arg, repeat=True)
+                                              parse=lora_arg, repeat=True, metavar="FILE[:WEIGHT]")
     guidance_rescale: float = _f(0.0, "CFG rescale phi (Lin et al. 2023), 0..1; 0.7 suits zero-terminal-SNR v-models",
                                  Api("guidance_rescale", own=True))  # diffusers' name; the web UI core has none
     # img2img
@@ -110,8 +111,8 @@ class GenerationParams:
                              Api("inpainting_fill", values=dict(enumerate(MASKED_CONTENT))), choices=MASKED_CONTENT)
     mask_strength: float = _f(1.0, "inpainting models: how much of the masked picture is hidden from the model",
                               Api("inpainting_mask_weight", where="override"))
-    paste_back: bool = _f(True, "outside the mask, the output's pixels are the input's", Api("paste_back", own=True),
-                          flags=("--no-paste-back",))
+    paste_back: bool = _f(True, "paste the input's pixels back outside the mask (--no-paste-back keeps the generated "
+                          "ones)", Api("paste_back", own=True), flags=("--no-paste-back",))
     inpaint_area: str = _f("whole", "masked: generate a box around the mask at full --width x --height and put it back",
                            Api("inpaint_full_res", values={False: "whole", True: "masked"}), choices=INPAINT_AREAS)
     inpaint_padding: int = _f(32, "pixels around the mask's box for --inpaint-area masked",
