@@ -15,7 +15,7 @@ parsing: brackets are literal text).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
 
@@ -23,6 +23,9 @@ from ..addons.embeddings import Embedding
 from ..diffusion.cond import Cond, CondSchedule
 from ..prompts import extract_networks, parse_prompt_attention, prompt_schedules, tokenize_line
 from ..prompts.chunks import bpe_tokenize
+
+if TYPE_CHECKING:  # conditioning.py imports this module
+    from .conditioning import TaskContext
 
 
 
@@ -38,7 +41,7 @@ class TextSettings:
 class EmbeddingFinder:
     """The chunker's hook: finds a trigger word's BPE ids at a position (the longest trigger wins)."""
 
-    def __init__(self, embeddings: Mapping[str, Embedding], encode):
+    def __init__(self, embeddings: Mapping[str, Embedding], encode: Callable[[str], list[int]]):
         self.by_first: dict[int, list[tuple[list[int], Embedding]]] = {}
         for name, emb in embeddings.items():
             ids = encode(name)
@@ -77,7 +80,8 @@ def emphasize(z: torch.Tensor, multipliers: torch.Tensor, mode: str) -> torch.Te
 
 
 @torch.inference_mode()
-def encode_texts(ctx, texts: list[str], settings: TextSettings, found: EmbeddingFinder | None = None) -> torch.Tensor:
+def encode_texts(ctx: TaskContext, texts: list[str], settings: TextSettings, found: EmbeddingFinder | None = None,
+                 ) -> torch.Tensor:
     """Plain texts (no tags, no schedules) -> cross-attention tokens [len(texts), 77 * chunks, C]."""
     tokenizer, encoder = ctx.tokenizer, ctx.model.text_encoder
     found = found or EmbeddingFinder(settings.embeddings, tokenizer.encode)
@@ -102,7 +106,7 @@ def prompt_text(prompt: str) -> str:
     return extract_networks(prompt)[0]
 
 
-def encode_prompt(ctx, prompt: str, batch: int, steps: int, settings: TextSettings,
+def encode_prompt(ctx: TaskContext, prompt: str, batch: int, steps: int, settings: TextSettings,
                   concat: torch.Tensor | None = None) -> tuple[CondSchedule, dict[str, Embedding]]:
     """A prompt (without tags) -> its CondSchedule for a batch of `batch` (steps: the schedule's
     length in denoiser calls) and the embeddings it used (for the infotext's TI hashes)."""
