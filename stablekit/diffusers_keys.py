@@ -19,7 +19,8 @@ Rule = tuple[str, Callable[..., str]]
 Recipe = tuple[tuple[str, ...], Callable[..., torch.Tensor]]  # source keys, combine(*tensors)
 
 
-def _same(t: torch.Tensor) -> torch.Tensor:
+def same(t: torch.Tensor) -> torch.Tensor:
+    """A recipe's combine step for a tensor taken as it is."""
     return t
 
 
@@ -74,7 +75,7 @@ def unet_to_ldm(keys: Iterable[str], layers_per_block: int) -> dict[str, Recipe]
         (r"conv_norm_out\.(.+)", lambda r: f"out.0.{r}"),
         (r"conv_out\.(.+)", lambda r: f"out.2.{r}"),
     ]
-    return {"model.diffusion_model." + _apply(rules, k): ((k,), _same) for k in keys}
+    return {"model.diffusion_model." + _apply(rules, k): ((k,), same) for k in keys}
 
 
 def vae_to_ldm(keys: Iterable[str], levels: int) -> dict[str, Recipe]:
@@ -99,7 +100,7 @@ def vae_to_ldm(keys: Iterable[str], levels: int) -> dict[str, Recipe]:
     out = {}
     for k in keys:
         new = _apply(rules, k)
-        out["first_stage_model." + new] = ((k,), _conv1x1 if ".mid.attn_1." in new else _same)
+        out["first_stage_model." + new] = ((k,), _conv1x1 if ".mid.attn_1." in new else same)
     return out
 
 
@@ -110,7 +111,7 @@ def _text_keys(keys: Iterable[str]) -> dict[str, str]:
 
 def clip_to_ldm(keys: Iterable[str]) -> dict[str, Recipe]:
     """transformers CLIPTextModel (SD 1.x): same names under a prefix."""
-    return {"cond_stage_model.transformer.text_model." + k: ((src,), _same) for k, src in _text_keys(keys).items()}
+    return {"cond_stage_model.transformer.text_model." + k: ((src,), same) for k, src in _text_keys(keys).items()}
 
 
 def openclip_to_ldm(keys: Iterable[str]) -> dict[str, Recipe]:
@@ -132,7 +133,7 @@ def openclip_to_ldm(keys: Iterable[str]) -> dict[str, Recipe]:
         if m:
             qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = src
             continue
-        out[p + _apply(rules, k)] = ((src,), _same)
+        out[p + _apply(rules, k)] = ((src,), same)
     for (i, kind), parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
             raise CheckpointError(f"text encoder layer {i}: q/k/v {kind} incomplete ({sorted(parts)})")

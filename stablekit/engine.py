@@ -104,14 +104,13 @@ class Engine:
 
         `inputs` are the task's own (image, mask, ...); `noise` [B, 4, H/8, W/8] replaces the seeded noise.
         """
-        pictures, p, _ = self._run(task, params, noise, callback, inputs)
+        pictures, p, _ = self._run(tasks.find_task(task), params, noise, callback, inputs)
         return pictures, p
 
-    def _run(self, task: str, params: GenerationParams, noise: torch.Tensor | None, callback: Callback | None,
+    def _run(self, t: tasks.Task, params: GenerationParams, noise: torch.Tensor | None, callback: Callback | None,
              inputs: dict[str, Any]) -> tuple[torch.Tensor, GenerationParams, dict[str, object]]:
-        t = tasks.find_task(task)
         given = t.check_inputs(inputs)
-        p = self.complete(params, task, given)
+        p = self.complete(params, t.name, given)
         notes = self.addons.apply(p.prompt, p.loras)  # the job's LoRAs in the weights (tags and files)
         pictures, job_notes = tasks.run_task(self.context, t, p, given, noise, callback)
         return pictures, p, {**notes, **job_notes}
@@ -130,7 +129,7 @@ class Engine:
         overrides = {k: v for k, v in inputs_and_fields.items() if k in names}
         inputs = {k: v for k, v in inputs_and_fields.items() if k not in names}
         params = replace(params or GenerationParams(**t.defaults), **overrides)
-        pictures, p, notes = self._run(task, params, noise, callback, inputs)
+        pictures, p, notes = self._run(t, params, noise, callback, inputs)
         return self._with_infotext(pictures, p, {**t.infotext(p, self.config), **notes})
 
     def txt2img_tensor(self, params: GenerationParams, **kw: Any) -> tuple[torch.Tensor, GenerationParams]:

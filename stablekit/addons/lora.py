@@ -25,12 +25,13 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
 from ..checkpoint import file_sha256, read_tensors
+from ..checkpoint.files import safetensors_metadata, shown_keys
 from ..config import ModelConfig
 from ..detect import CheckpointError
 from .lora_keys import KeyMap, Target
@@ -110,13 +111,6 @@ def infotext_hashes(used: Iterable[tuple[str, LoraFile]]) -> str:
     return ", ".join(f"{re.sub('[:,]', '', name)}: {lora.short_hash}" for name, lora in used)
 
 
-def _safetensors_metadata(path: Path) -> dict[str, str]:
-    with open(path, "rb") as f:  # the header was already checked by read_tensors
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    meta = header.get("__metadata__") or {}
-    return {str(k): str(v) for k, v in meta.items()}
-
-
 def read_lora(path: str | Path) -> LoraFile:
     """Read a LoRA / LyCORIS file (.safetensors, or a weights-only .pt / .ckpt) and group its tensors."""
     path = Path(path)
@@ -126,7 +120,7 @@ def read_lora(path: str | Path) -> LoraFile:
         tensors = read_tensors(path)
     except CheckpointError as e:
         raise LoraError(f"cannot read LoRA file {path}: {e}") from None
-    metadata = _safetensors_metadata(path) if path.suffix == ".safetensors" else {}
+    metadata = safetensors_metadata(path) if path.suffix == ".safetensors" else {}
     return LoraFile(path, _modules(tensors, metadata, path.name), metadata)
 
 
@@ -135,10 +129,6 @@ def _split(key: str) -> tuple[str, str] | None:
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1], suffix
     return None
-
-
-def _shown(items: Sequence[str], n: int = 6) -> str:
-    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
 def _peft_alphas(metadata: Mapping[str, str], filename: str) -> dict[str, float]:
@@ -170,7 +160,7 @@ def _modules(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], f
                         f"or LoKr factor (such as *.lora_down.weight, *.lora_A.weight, *.hada_w1_a, *.lokr_w1).{looks_like}")
     if unknown:
         dora = " (DoRA files, with dora_scale, are not supported)" if any("dora_scale" in k for k in unknown) else ""
-        raise LoraError(f"{filename}: {len(unknown)} keys are not LoRA / LyCORIS tensors{dora}: {_shown(unknown)}")
+        raise LoraError(f"{filename}: {len(unknown)} keys are not LoRA / LyCORIS tensors{dora}: {shown_keys(unknown)}")
     peft_alphas = _peft_alphas(metadata, filename)
     modules, broken = {}, []
     for name, group in groups.items():
@@ -190,7 +180,7 @@ def _modules(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], f
         scale = float(group["scale"].item()) if "scale" in group else None
         modules[name] = AdapterModule(name, kind, factors, alpha, scale)
     if broken:
-        raise LoraError(f"{filename}: incomplete modules: {_shown(broken)}")
+        raise LoraError(f"{filename}: incomplete modules: {shown_keys(broken)}")
     return modules
 
 
@@ -242,8 +232,8 @@ def resolve(lora: LoraFile, keys: KeyMap, shapes: Mapping[str, torch.Size]) -> l
             patches.append(Patch(module, target, view))
     if not unknown and not wrong:
         return patches
-    problems = [f"{len(unknown)} modules match nothing in the model: {_shown(unknown)}"] if unknown else []
-    problems += [f"{len(wrong)} have other shapes: {_shown(wrong, 3)}"] if wrong else []
+    problems = [f"{len(unknown)} modules match nothing in the model: {shown_keys(unknown)}"] if unknown else []
+    problems += [f"{len(wrong)} have other shapes: {shown_keys(wrong, 3)}"] if wrong else []
     if any(n.startswith(("lora_te2_", "text_encoder_2.")) for n in lora.modules):
         hint += " It has a second text encoder: it is an SDXL LoRA, and stablekit runs SD 1.x and 2.x."
     elif any("resblocks" in n for n in unknown) and keys.cfg.text.layout == "clip":

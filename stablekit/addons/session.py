@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from ..checkpoint.sources import SINGLE_FILE_SUFFIXES
 from ..detect import CheckpointError
 from ..models import StableDiffusionModel
 from ..prompts import extract_networks, lora_weights
@@ -108,7 +109,7 @@ class Addons:
         """The VAE folder's files by file name (the web UI's sd_vae values)."""
         if self.vae_dir is None:
             return {}
-        return {p.name: p for p in sorted(self.vae_dir.rglob("*")) if p.suffix.lower() in LORA_SUFFIXES}
+        return {p.name: p for p in sorted(self.vae_dir.rglob("*")) if p.suffix.lower() in SINGLE_FILE_SUFFIXES}
 
     def use_vae(self, name: str | None) -> None:
         """A VAE of the folder by file name; None, "Automatic" or "None": the checkpoint's own."""

@@ -16,24 +16,16 @@ from typing import Mapping
 
 import torch
 
-from ..checkpoint.files import Remapped, read_tensors, release, shapes_of
+from ..checkpoint.files import Remapped, read_tensors, release, shapes_of, shown_keys
 from ..checkpoint.load import file_sha256
 from ..checkpoint.sources import SINGLE_FILE_SUFFIXES, _component_weights, _json
 from ..detect import VAE, CheckpointError, Hints, detect_vae
-from ..diffusers_keys import vae_to_ldm
+from ..diffusers_keys import same, vae_to_ldm
 from ..models import StableDiffusionModel
 
 VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 TRAINING_EXTRAS = ("loss.", "model_ema.")  # discriminator / EMA state saved next to the autoencoder
 SHORT_HASH = 10  # hex digits of the file's sha256 in the web UI's "VAE hash" infotext
-
-
-def _same(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
-def _shown(keys: list[str]) -> str:
-    return ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
 
 
 def _from_original(sd: Mapping[str, torch.Tensor], name: str) -> Mapping[str, torch.Tensor]:
@@ -47,13 +39,13 @@ def _from_original(sd: Mapping[str, torch.Tensor], name: str) -> Mapping[str, to
         if len(stray) == len(keys):
             raise CheckpointError(
                 f"{name}: not a VAE file: no encoder.*/decoder.* keys "
-                f"(found {len(sd)} keys, e.g. {_shown(list(sd)[:3]) or 'none'})"
+                f"(found {len(sd)} keys, e.g. {shown_keys(list(sd)[:3]) or 'none'})"
             )
         if stray:  # a VAE file with other networks in it: refuse rather than guess what it is
-            raise CheckpointError(f"{name}: keys that belong to no part of a VAE: {_shown(stray)}")
+            raise CheckpointError(f"{name}: keys that belong to no part of a VAE: {shown_keys(stray)}")
     if not any(k.startswith(VAE + "decoder.") for k in keys):
         raise CheckpointError(f"{name}: no VAE in it (no 'first_stage_model.decoder.*' keys)")
-    return Remapped([(sd, {new: ((old,), _same) for new, old in keys.items()})])
+    return Remapped([(sd, {new: ((old,), same) for new, old in keys.items()})])
 
 
 def _from_diffusers(sd: Mapping[str, torch.Tensor], levels: int | None) -> Mapping[str, torch.Tensor]:
@@ -107,7 +99,7 @@ def replace_vae(model: StableDiffusionModel, tensors: Mapping[str, torch.Tensor]
     unexpected = sorted(set(tensors) - set(params))
     wrong = [f"{k}: file {tuple(shapes[k].shape)} vs model {tuple(params[k].shape)}"
              for k in params if k in shapes and shapes[k].shape != params[k].shape]
-    problems = [f"{label}: {_shown(items)}" for label, items in
+    problems = [f"{label}: {shown_keys(items)}" for label, items in
                 (("wrongly shaped keys", wrong), ("missing keys", missing), ("unexpected keys", unexpected)) if items]
     if problems:
         sizes = f" (this VAE: {_describe(shapes)}; the model's: {_describe(params)})" if wrong else ""

@@ -10,7 +10,7 @@ import mmap
 import pickle
 import re
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -54,8 +54,8 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 _MAX_HEADER = 100 << 20  # the format's own limit on the JSON header
 
 
-def _safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
-    """The tensor table (name -> dtype, shape, data_offsets) and where the data starts."""
+def _header_json(path: Path) -> tuple[dict, int]:
+    """The safetensors header as stored (tensor entries and `__metadata__`) and its length."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -68,6 +68,24 @@ def _safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
             raise CheckpointError(f"{path.name}: not a readable safetensors file (header is not JSON)") from None
     if not isinstance(table, dict):
         raise CheckpointError(f"{path.name}: not a readable safetensors file (header is not a table)")
+    return table, n
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The free-text `__metadata__` of a safetensors file (training settings, hashes), as strings."""
+    meta = _header_json(path)[0].get("__metadata__") or {}
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
+def shown_keys(keys: Sequence[str], n: int = 6) -> str:
+    """The first few of many names, for an error message."""
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def _safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
+    """The tensor table (name -> dtype, shape, data_offsets) and where the data starts."""
+    size = path.stat().st_size
+    table, n = _header_json(path)
     table.pop("__metadata__", None)
     data_size = size - 8 - n
     for key, entry in table.items():
