@@ -86,12 +86,24 @@ def _add_task_args(t: argparse.ArgumentParser, task: Task) -> None:
         if isinstance(default, bool):  # a switch: --x turns a False default on, --no-x a True one off
             t.add_argument(*flags, dest=name, action="store_false" if default else "store_true", help=help)
         elif s.repeat:
-            t.add_argument(*flags, dest=name, type=s.parse, action="append", default=[], metavar=s.metavar, help=help)
+            t.add_argument(*flags, dest=name, type=_argument_type(s.parse), action="append", default=[],
+                           metavar=s.metavar, help=help)
         else:
-            t.add_argument(*flags, dest=name, type=s.type or type(default), default=default, choices=s.choices,
+            kind = _argument_type(s.parse) if s.parse else s.type or type(default)
+            t.add_argument(*flags, dest=name, type=kind, default=default, choices=s.choices, metavar=s.metavar,
                            required=name == "prompt", help=help)
     t.add_argument("--out", default="outputs", help="output folder (files are never overwritten)")
     _add_model_args(t)
+
+
+def _argument_type(parse):
+    """A field's value reader whose ValueError message argparse shows as it is."""
+    def read(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return read
 
 
 def _params(args: argparse.Namespace, task: Task) -> GenerationParams:

@@ -22,6 +22,7 @@ from .models.vae_tiling import Tiling
 from .params import GenerationParams
 from .pipeline import tasks
 from .pipeline.conditioning import TaskContext
+from .pipeline.seeds import variation_infotext
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -189,7 +190,7 @@ class Engine:
     ) -> list[Image.Image]:
         images = to_pil(pictures)
         for i, image in enumerate(images):
-            image.info["parameters"] = self._infotext(p, p.seed + i, extra)
+            image.info["parameters"] = self._infotext(p, p.image_seeds[i], {**variation_infotext(p, i), **(extra or {})})
         return images
 
 

@@ -19,6 +19,14 @@ from .masks import MASKED_CONTENT
 INPAINT_METHODS = ("auto", "blend", "model")
 INPAINT_AREAS = ("whole", "masked")
 EMPHASIS_MODES = ("original", "no-norm", "ignore", "none")  # the web UI's "Original", "No norm", "Ignore", "None"
+# Hires-fix upscalers: our name -> the web UI's. Latent ones interpolate the latent; the others decode,
+# resize the picture and encode again ("x4": the SD x4 upscaler, given with the engine's upscaler model).
+HIRES_UPSCALERS = {
+    "latent": "Latent", "latent-antialiased": "Latent (antialiased)", "latent-bicubic": "Latent (bicubic)",
+    "latent-bicubic-antialiased": "Latent (bicubic antialiased)", "latent-nearest": "Latent (nearest)",
+    "latent-nearest-exact": "Latent (nearest-exact)", "lanczos": "Lanczos", "nearest": "Nearest", "none": "None",
+    "x4": "SD x4",
+}
 
 MAX_SEED = 2**32 - 1
 
@@ -64,6 +72,22 @@ def lora_arg(text: str) -> tuple[str, float]:
     return path, float(weight)
 
 
+def size_arg(text: str) -> tuple[int, int]:
+    """"WxH" -> (width, height); a side may be 0 where the field allows it."""
+    w, sep, h = text.lower().partition("x")
+    if not sep or not w.strip().isdigit() or not h.strip().isdigit():
+        raise ValueError(f"a size is WIDTHxHEIGHT, e.g. 768x512; got {text!r}")
+    return int(w), int(h)
+
+
+def find_upscaler(name: str) -> str:
+    """Our name or the web UI's label (any case) -> our name."""
+    for ours, label in HIRES_UPSCALERS.items():
+        if name.lower() in (ours, label.lower()):
+            return ours
+    raise ValueError(f"unknown hires upscaler '{name}'; choose from {', '.join(HIRES_UPSCALERS)}")
+
+
 def _f(default: Any, help: str, api: Api, **kw: Any) -> Any:
     return field(default=default, metadata={"setting": Setting(help, api, **kw)})
 
@@ -96,6 +120,29 @@ class GenerationParams:
                                               parse=lora_arg, repeat=True, metavar="FILE[:WEIGHT]")
     guidance_rescale: float = _f(0.0, "CFG rescale phi (Lin et al. 2023), 0..1; 0.7 suits zero-terminal-SNR v-models",
                                  Api("guidance_rescale", own=True))  # diffusers' name; the web UI core has none
+    # variation seeds (the web UI's): the seed's noise moved toward another seed's, and noise made at another size
+    subseed: int = _f(-1, "variation seed (-1 = random); image i uses subseed + i", Api("subseed"))
+    subseed_strength: float = _f(0.0, "0..1: how far the noise moves from the seed's toward the variation seed's "
+                                 "(all images then share the seed)", Api("subseed_strength"))
+    seed_resize_from: tuple[int, int] | None = _f(
+        None, "WxH: draw the seed's noise as for a picture of this size, placed in the middle, so a seed keeps its "
+        "composition at another size", Api("seed_resize_from_w"), parse=size_arg, metavar="WxH")
+    # hires fix (txt2img): a second img2img pass at a larger size
+    hires_scale: float | None = _f(None, "hires fix: upscale the first pass by this factor and refine it",
+                                   Api("hr_scale"), type=float)
+    hires_resize: tuple[int, int] | None = _f(None, "hires fix to this WxH instead (0 for a side keeps the aspect)",
+                                              Api("hr_resize_x"), parse=size_arg, metavar="WxH")
+    hires_upscaler: str = _f("latent", "how the first pass is enlarged", Api("hr_upscaler"),
+                             choices=tuple(HIRES_UPSCALERS))
+    hires_steps: int = _f(0, "steps of the second pass (0 = --steps)", Api("hr_second_pass_steps"))
+    hires_denoise: float = _f(0.7, "denoising strength of the second pass", Api("denoising_strength"))
+    hires_sampler: str | None = _f(None, "sampler of the second pass (default: --sampler)", Api("hr_sampler_name"),
+                                   type=str)
+    hires_scheduler: str | None = _f(None, "schedule of the second pass (default: --scheduler)",
+                                     Api("hr_scheduler"), type=str)
+    hires_prompt: str = _f("", "prompt of the second pass (default: --prompt)", Api("hr_prompt"))
+    hires_negative_prompt: str = _f("", "negative prompt of the second pass (default: --negative-prompt)",
+                                    Api("hr_negative_prompt"))
     # img2img
     denoising_strength: float = _f(0.75, "0 keeps the picture, 1 repaints it entirely", Api("denoising_strength"),
                                    flags=("--strength", "--denoising-strength"))
@@ -171,6 +218,8 @@ class GenerationParams:
         loras = tuple((str(path), float(weight)) for path, weight in self.loras)
         if not -1 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be -1 (random) or between 0 and {MAX_SEED}, got {self.seed}")
+        variation = self._validated_variation()
+        hires = self._validated_hires()
         spec, named_schedule = find_sampler(self.sampler)
         schedule = resolve_schedule(self.scheduler)
         if named_schedule and schedule == "automatic":
@@ -184,7 +233,54 @@ class GenerationParams:
         seed = random.randrange(MAX_SEED - self.batch_size) if self.seed == -1 else self.seed
         if seed + self.batch_size - 1 > MAX_SEED:
             raise ValueError(f"seed {seed} + batch size {self.batch_size} goes past {MAX_SEED}")
-        return replace(self, sampler=spec.name, scheduler=schedule, seed=seed, loras=loras)
+        return replace(self, sampler=spec.name, scheduler=schedule, seed=seed, loras=loras, **variation, **hires)
+
+    def _validated_variation(self) -> dict[str, Any]:
+        if not isinstance(self.subseed, int) or not -1 <= self.subseed <= MAX_SEED:
+            raise ValueError(f"subseed must be -1 (random) or between 0 and {MAX_SEED}, got {self.subseed}")
+        if not 0 <= self.subseed_strength <= 1:
+            raise ValueError(f"subseed strength must be between 0 and 1, got {self.subseed_strength}")
+        resize = self.seed_resize_from
+        if resize is not None:
+            resize = tuple(int(v) for v in resize)
+            if len(resize) != 2 or min(resize) < 8 or max(resize) > 8192:
+                raise ValueError(f"seed resize from must be WxH with sides from 8 to 8192, got {self.seed_resize_from}")
+        subseed = random.randrange(MAX_SEED - self.batch_size) if self.subseed == -1 else self.subseed
+        if subseed + self.batch_size - 1 > MAX_SEED:
+            raise ValueError(f"subseed {subseed} + batch size {self.batch_size} goes past {MAX_SEED}")
+        return {"subseed": subseed, "seed_resize_from": resize}
+
+    def _validated_hires(self) -> dict[str, Any]:
+        if self.hires_scale is not None and not 1 <= self.hires_scale <= 8:
+            raise ValueError(f"hires scale must be between 1 and 8, got {self.hires_scale}")
+        resize = self.hires_resize
+        if resize is not None:
+            resize = tuple(int(v) for v in resize)
+            if len(resize) != 2 or min(resize) < 0 or max(resize) > 8192 or max(resize) == 0:
+                raise ValueError(f"hires resize must be WxH up to 8192 with at least one side set, got {resize}")
+        if not isinstance(self.hires_steps, int) or not 0 <= self.hires_steps <= 1000:
+            raise ValueError(f"hires steps must be a whole number from 0 to 1000, got {self.hires_steps}")
+        if not 0 <= self.hires_denoise <= 1:
+            raise ValueError(f"hires denoising strength must be between 0 and 1, got {self.hires_denoise}")
+        sampler = find_sampler(self.hires_sampler)[0].name if self.hires_sampler else None
+        scheduler = resolve_schedule(self.hires_scheduler) if self.hires_scheduler else None
+        return {"hires_resize": resize, "hires_upscaler": find_upscaler(self.hires_upscaler),
+                "hires_sampler": sampler, "hires_scheduler": scheduler}
+
+    @property
+    def hires(self) -> bool:
+        """Whether txt2img runs a hires-fix second pass."""
+        return self.hires_scale is not None or self.hires_resize is not None
+
+    @property
+    def image_seeds(self) -> list[int]:
+        """Each image's seed: seed + i, or the seed itself for all when a variation strength is set (the
+        web UI's rule: the variation seeds then tell the images apart)."""
+        return [self.seed + (0 if self.subseed_strength else i) for i in range(self.batch_size)]
+
+    @property
+    def image_subseeds(self) -> list[int]:
+        return [self.subseed + i for i in range(self.batch_size)]
 
     @property
     def sampler_spec(self) -> SamplerSpec:

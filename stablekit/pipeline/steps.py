@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -14,16 +14,12 @@ from ..diffusion.samplers import Callback, SamplerSpec
 from ..diffusion.schedule import ModelSchedule, make_sigmas
 from ..models import StableDiffusionModel
 from ..params import GenerationParams
+from .seeds import first_noise
 
 
 def generators_for(seeds: list[int]) -> list[torch.Generator]:
     """One CPU generator per image: the same seed gives the same noise on every device."""
     return [torch.Generator("cpu").manual_seed(s) for s in seeds]
-
-
-def initial_noise(generators: list[torch.Generator], shape: tuple[int, int, int]) -> torch.Tensor:
-    """[B, C, h, w] float32 standard normal noise, image i drawn from generator i."""
-    return torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators])
 
 
 def sampler_sigmas(schedule: ModelSchedule, p: GenerationParams) -> torch.Tensor:
@@ -32,6 +28,14 @@ def sampler_sigmas(schedule: ModelSchedule, p: GenerationParams) -> torch.Tensor
         sigmas = make_sigmas(schedule, p.schedule_name, p.steps + 1)
         return torch.cat([sigmas[:-2], sigmas[-1:]])
     return make_sigmas(schedule, p.schedule_name, p.steps)
+
+
+def fixed_steps_sigmas(schedule: ModelSchedule, p: GenerationParams, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The web UI's img2img with fixed steps (hires fix): exactly `steps` steps run, on the tail of a
+    schedule of int(steps / strength) steps (strength capped at 0.999). Returns (full, tail)."""
+    total = max(p.steps, int(p.steps / min(strength, 0.999)))
+    full = sampler_sigmas(schedule, replace(p, steps=total))
+    return full, full[-(p.steps + 1):]
 
 
 def cut_sigmas(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
@@ -60,20 +64,25 @@ class SamplingPlan:
 
 def plan_sampling(
     schedule: ModelSchedule, p: GenerationParams, latent_shape: tuple[int, int, int], device: torch.device,
-    noise: torch.Tensor | None = None, strength: float = 1.0,
+    noise: torch.Tensor | None = None, strength: float = 1.0, fixed_steps: bool = False, downscale: int = 8,
 ) -> SamplingPlan:
     """Per-image generators and noise (explicit `noise` replaces the seeded draw, which still happens so
-    later random draws match), the schedule and its cut for `strength`."""
-    seeds = [p.seed + i for i in range(p.batch_size)]
+    later random draws match), the schedule and its cut for `strength`: the last int(steps * strength)
+    steps of `steps`, or with `fixed_steps` all `steps` on the tail of a longer schedule."""
+    seeds = p.image_seeds
     generators = generators_for(seeds)
-    seeded = initial_noise(generators, latent_shape)
+    seeded = first_noise(p, generators, latent_shape, downscale)
     if noise is not None:
         if tuple(noise.shape) != (p.batch_size, *latent_shape):
             raise ValueError(f"explicit noise has shape {tuple(noise.shape)}, expected {(p.batch_size, *latent_shape)}")
         seeded = noise.float()
-    full = sampler_sigmas(schedule, p)
-    return SamplingPlan(p.sampler_spec, p.sampler_options(), full, cut_sigmas(full, strength), seeded.to(device),
-                        generators, seeds, schedule)
+    if fixed_steps:
+        full, sigmas = fixed_steps_sigmas(schedule, p, strength)
+    else:
+        full = sampler_sigmas(schedule, p)
+        sigmas = cut_sigmas(full, strength)
+    return SamplingPlan(p.sampler_spec, p.sampler_options(), full, sigmas, seeded.to(device), generators, seeds,
+                        schedule)
 
 
 @torch.inference_mode()

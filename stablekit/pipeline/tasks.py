@@ -19,6 +19,7 @@ from ..diffusion.samplers import Callback
 from ..params import GenerationParams
 from .conditioning import TaskContext, guided_denoiser
 from .editing import Canvas, finish, fitted_canvas, inpaint_canvas, outpaint_canvas, outpaint_size
+from .hires import hires_infotext, hires_pass
 from .inpainting import inpaint_latents
 from .steps import denoise, encode_picture, plan_sampling
 
@@ -98,6 +99,23 @@ def txt2img_latents(ctx: TaskContext, p: GenerationParams, canvas: Canvas, noise
     return denoise(guided_denoiser(ctx, p), plan, callback=callback)
 
 
+def _txt2img_sample(ctx: TaskContext, p: GenerationParams, canvas: Canvas, noise: torch.Tensor | None = None,
+                    callback: Callback | None = None) -> torch.Tensor:
+    """txt2img, then the hires fix's second pass where asked for; progress counts both passes' steps."""
+    if not p.hires:
+        return txt2img_latents(ctx, p, canvas, noise, callback)
+    first, total = p.steps, p.steps + (p.hires_steps or p.steps)
+    latents = txt2img_latents(ctx, p, canvas, noise, _progress(callback, 0, total))
+    return hires_pass(ctx, p, latents, _progress(callback, first, total))
+
+
+def _progress(callback: Callback | None, done: int, total: int) -> Callback | None:
+    """A pass's step callback reported as steps of the whole job."""
+    if callback is None:
+        return None
+    return lambda i, n, x0: callback(done + i, total, x0)
+
+
 def img2img_latents(ctx: TaskContext, p: GenerationParams, canvas: Canvas, noise: torch.Tensor | None = None,
                     callback: Callback | None = None) -> torch.Tensor:
     """The canvas picture's latent noised to the strength's point of the schedule, then sampled from
@@ -147,13 +165,17 @@ SIDES = tuple(TaskInput(side, "int", f"pixels to add on the {side}", default=0)
 FILL = TaskInput("fill", "choice", "what the new area starts as", default="edges", choices=("edges", "noise"))
 
 COMMON_FIELDS = ("prompt", "negative_prompt", "steps", "cfg_scale", "sampler", "scheduler", "seed", "width", "height",
-                 "batch_size", "clip_skip", "emphasis", "loras", "eta", "s_noise", "guidance_rescale")
+                 "batch_size", "clip_skip", "emphasis", "loras", "eta", "s_noise", "guidance_rescale",
+                 "subseed", "subseed_strength", "seed_resize_from")
+HIRES_FIELDS = ("hires_scale", "hires_resize", "hires_upscaler", "hires_steps", "hires_denoise", "hires_sampler",
+                "hires_scheduler", "hires_prompt", "hires_negative_prompt")
 IMG2IMG_FIELDS = ("denoising_strength", "resize_mode")
 MASK_FIELDS = ("mask_blur", "masked_content", "inpaint_method", "mask_strength", "paste_back", "soft_inpainting")
 INPAINT_FIELDS = IMG2IMG_FIELDS + MASK_FIELDS + ("invert_mask", "inpaint_area", "inpaint_padding")
 
 TASKS: dict[str, Task] = {t.name: t for t in (
-    Task("txt2img", "generate pictures from a prompt", COMMON_FIELDS, _no_canvas, txt2img_latents),
+    Task("txt2img", "generate pictures from a prompt", COMMON_FIELDS + HIRES_FIELDS, _no_canvas, _txt2img_sample,
+         infotext=lambda p, cfg: hires_infotext(p)),
     Task("img2img", "generate pictures from a picture and a prompt", COMMON_FIELDS + IMG2IMG_FIELDS,
          lambda ctx, p, inputs: fitted_canvas(inputs["image"], p, ctx.device), img2img_latents,
          inputs=(IMAGE,), size_of=_picture_size,

@@ -37,6 +37,7 @@ class ServerConfig:
     vae_dir: Path | None = None  # VAE files a client may switch to (sd_vae; GET /sdapi/v1/sd-vae)
     lora_dir: Path | None = None  # where <lora:NAME> tags of prompts are found (GET /sdapi/v1/loras)
     embeddings_dir: Path | None = None  # textual-inversion embeddings (GET /sdapi/v1/embeddings)
+    upscaler_model: str | None = None  # an SD x4 upscaler: the "SD x4" hires upscaler and extras upscaler
 
     @property
     def db_path(self) -> Path:

@@ -16,6 +16,8 @@ from fastapi import APIRouter, Body, Depends
 from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedule import SCHEDULE_LABELS
 from ..images import parse_infotext
+from ..params import HIRES_UPSCALERS
+from ..pipeline.hires import LATENT_MODES
 from .api_models import (GenerationResponse, Img2ImgRequest, PNGInfoRequest, PNGInfoResponse, ProgressResponse,
                          ProgressState, SamplerItem, SchedulerItem, SDModelItem, Txt2ImgRequest)
 from .errors import ApiError
@@ -149,6 +151,18 @@ def sdapi_router(backend: LocalBackend, auth: Any) -> APIRouter:
         """The VAE folder's files (sd_vae values; "Automatic" is the checkpoint's own), names relative to it."""
         addons = backend.engine.addons
         return [{"model_name": path.stem, "filename": name} for name, path in addons.vae_files().items()]
+
+    @router.get("/upscalers")
+    def upscalers() -> list[dict[str, Any]]:
+        """The picture upscalers hires fix (hr_upscaler) takes, in the web UI's shape; the latent ones are
+        under /latent-upscale-modes."""
+        names = [n for n in HIRES_UPSCALERS if n not in LATENT_MODES and (n != "x4" or backend.has_upscaler)]
+        return [{"name": HIRES_UPSCALERS[n], "model_name": None, "model_path": None, "model_url": None,
+                 "scale": 4 if n == "x4" else None} for n in names]
+
+    @router.get("/latent-upscale-modes")
+    def latent_upscale_modes() -> list[dict[str, str]]:
+        return [{"name": HIRES_UPSCALERS[n]} for n in LATENT_MODES]
 
     @router.get("/scripts")
     def scripts() -> dict[str, list[str]]:

@@ -10,19 +10,22 @@ or model), paste_back, soft_inpainting. Also: mask, n_iter (iteration k starts a
 as there), override_settings.sd_model_checkpoint, send_images, save_images, include_init_images,
 infotext (fills fields the request left unset).
 
+Hires fix: enable_hr with hr_scale or hr_resize_x/y, hr_upscaler (the web UI's names), hr_second_pass_steps,
+denoising_strength, hr_sampler_name, hr_scheduler, hr_prompt, hr_negative_prompt, firstphase_width/height.
+Variation seeds: subseed, subseed_strength, seed_resize_from_w/h.
+
 Refused with 400, because silently ignoring them would give a different picture than asked for:
-enable_hr, restore_faces, tiling, subseed_strength > 0, s_churn/s_tmin/s_tmax/s_min_uncond != 0,
+hr_checkpoint_name, restore_faces, tiling, s_churn/s_tmin/s_tmax/s_min_uncond != 0,
 script_name, enabled alwayson_scripts, styles, refiner_checkpoint, resize_mode 3 (latent),
 initial_noise_multiplier != 1, latent_mask, mask_blur_x != mask_blur_y.
 
-Accepted and ignored (no effect on the picture here): seed_resize_from_*, do_not_save_*, comments,
+Accepted and ignored (no effect on the picture here): do_not_save_*, comments,
 image_cfg_scale (instruct-pix2pix only), mask_round, disable_extra_networks, force_task_id (ids
 are made by the server), the hires fields while enable_hr is false, other override_settings keys.
 """
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -31,6 +34,7 @@ from PIL import Image
 from ..diffusion.samplers import find_sampler
 from ..images import parse_infotext
 from ..params import MAX_SEED, Api, GenerationParams, settings
+from ..pipeline.hires import hires_target
 from ..pipeline.tasks import TASKS, Task
 from .api_models import Img2ImgRequest, ProcessingFields, Txt2ImgRequest
 from .config import Limits
@@ -80,10 +84,10 @@ def _refuse_unsupported(req: ProcessingFields) -> None:
         if cond:
             raise ApiError(400, f"{what} is not supported by this server")
 
-    no(bool(getattr(req, "enable_hr", False)), "enable_hr (hires fix)")
+    no(getattr(req, "hr_checkpoint_name", None) not in (None, "", "Use same checkpoint"),
+       "hr_checkpoint_name (another checkpoint for the second pass)")
     no(bool(req.restore_faces), "restore_faces")
     no(bool(req.tiling), "tiling")
-    no(bool(req.subseed_strength), "subseed_strength (variation seeds)")
     for name in ("s_churn", "s_tmin", "s_tmax", "s_min_uncond"):
         no(bool(getattr(req, name)), name)
     no(bool(req.script_name), f"script_name {req.script_name!r}")
@@ -121,8 +125,10 @@ def _int_or_text(value: str) -> int | str:
 
 
 def _limits(p: GenerationParams, n_iter: int, limits: Limits) -> None:
-    if p.width * p.height > limits.max_pixels:
-        raise ApiError(400, f"{p.width}x{p.height} is over this server's limit of {limits.max_pixels} pixels")
+    sizes = [(p.width, p.height)] + ([hires_target(p).final_size] if p.hires else [])
+    for w, h in sizes:
+        if w * h > limits.max_pixels:
+            raise ApiError(400, f"{w}x{h} is over this server's limit of {limits.max_pixels} pixels")
     if p.steps > limits.max_steps:
         raise ApiError(400, f"steps {p.steps} is over this server's limit of {limits.max_steps}")
     if not 1 <= n_iter:
@@ -166,7 +172,38 @@ def request_fields(task: Task, req: ProcessingFields, defaults: dict[str, Any]) 
         if blur_x != blur_y:
             raise ApiError(400, f"mask_blur_x {blur_x} != mask_blur_y {blur_y}: only round blur is supported")
         values["mask_blur"] = float(blur_x)
+    if "seed_resize_from" in task.fields:
+        w, h = _v(req, "seed_resize_from_w"), _v(req, "seed_resize_from_h")
+        values["seed_resize_from"] = (w, h) if w > 0 and h > 0 else None  # the web UI: -1 or 0 = off
+    if "hires_scale" in task.fields:
+        values.update(_hires_fields(req, values))
     return {k: v for k, v in values.items() if v is not None}
+
+
+HIRES_SAME = {"hires_sampler": "Use same sampler", "hires_scheduler": "Use same scheduler"}  # the web UI's choices
+
+
+def _hires_fields(req: Txt2ImgRequest, values: dict[str, Any]) -> dict[str, Any]:
+    """enable_hr switches the hires fields on; hr_resize_x/y (either > 0) replace hr_scale; the legacy
+    firstphase_width/height make width x height the target and themselves the first pass."""
+    off = {name: None for name in ("hires_scale", "hires_resize", "hires_upscaler", "hires_steps", "hires_denoise",
+                                   "hires_sampler", "hires_scheduler", "hires_prompt", "hires_negative_prompt")}
+    if not req.enable_hr:
+        return off  # the hires fields are ignored, as in the web UI
+    out: dict[str, Any] = {"hires_upscaler": req.hr_upscaler or "latent", "hires_resize": None}
+    rx, ry = _v(req, "hr_resize_x"), _v(req, "hr_resize_y")
+    fw, fh = _v(req, "firstphase_width"), _v(req, "firstphase_height")
+    if fw or fh:
+        if not (fw > 0 and fh > 0):
+            raise ApiError(400, "firstphase_width and firstphase_height must both be set")
+        out.update(hires_scale=None, hires_resize=(values.get("width") or 512, values.get("height") or 512),
+                   width=fw, height=fh)
+    elif rx or ry:
+        out.update(hires_scale=None, hires_resize=(rx, ry))
+    for name, same in HIRES_SAME.items():
+        if values.get(name) == same:
+            out[name] = None
+    return out
 
 
 def to_work(task: str, req: ProcessingFields, limits: Limits, allow_urls: bool, clip_skip: int = 1) -> Work:
@@ -224,17 +261,17 @@ def info_json(work: Work, infotexts: list[str], model_name: str, model_hash: str
     """`Processed.js()`: what the web UI puts, JSON-encoded, into the response's `info`."""
     p = work.params
     n = len(infotexts)
-    seeds = [p.seed + i for i in range(n)]
-    subseed = random.randrange(MAX_SEED)
+    seeds = [p.seed + (0 if p.subseed_strength else i) for i in range(n)]
+    resize = p.seed_resize_from or (-1, -1)
     return {
         "prompt": p.prompt, "all_prompts": [p.prompt] * n, "negative_prompt": p.negative_prompt,
         "all_negative_prompts": [p.negative_prompt] * n, "seed": p.seed, "all_seeds": seeds,
-        "subseed": subseed, "all_subseeds": [subseed + i for i in range(n)], "subseed_strength": 0,
+        "subseed": p.subseed, "all_subseeds": [p.subseed + i for i in range(n)], "subseed_strength": p.subseed_strength,
         "width": p.width, "height": p.height, "sampler_name": p.sampler, "cfg_scale": p.cfg_scale,
         "steps": p.steps, "batch_size": p.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": model_name, "sd_model_hash": model_hash, "sd_vae_name": None, "sd_vae_hash": None,
-        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": p.denoising_strength if work.task != "txt2img" else None,
+        "seed_resize_from_w": resize[0], "seed_resize_from_h": resize[1],
+        "denoising_strength": p.denoising_strength if work.task != "txt2img" else p.hires_denoise if p.hires else None,
         "extra_generation_params": {"Schedule type": p.schedule_label}, "index_of_first_image": 0,
         "infotexts": infotexts, "styles": [], "job_timestamp": job_timestamp, "clip_skip": p.clip_skip,
         "is_using_inpainting_conditioning": is_inpainting_model and work.task == "inpaint", "version": version,
@@ -242,5 +279,7 @@ def info_json(work: Work, infotexts: list[str], model_name: str, model_hash: str
 
 
 def iteration_params(work: Work, k: int) -> GenerationParams:
-    """Iteration k of n_iter starts at seed + k * batch_size, as in the web UI."""
-    return replace(work.params, seed=work.params.seed + k * work.params.batch_size)
+    """Iteration k of n_iter starts at seed + k * batch_size, as in the web UI; with a variation strength
+    the seed stays and the subseed moves on instead."""
+    p, step = work.params, k * work.params.batch_size
+    return replace(p, seed=p.seed + (0 if p.subseed_strength else step), subseed=p.subseed + step)

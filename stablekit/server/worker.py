@@ -104,6 +104,11 @@ class LocalBackend:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="stablekit-worker", daemon=True)
 
+    @property
+    def has_upscaler(self) -> bool:
+        """Whether an SD x4 upscaler model is configured (hires upscaler "SD x4", extras)."""
+        return self.config.upscaler_model is not None
+
     # --- life cycle -----------------------------------------------------------------------------
     def start(self) -> None:
         """Load the start-up model, re-queue what a previous run left unfinished, start the worker (once)."""
