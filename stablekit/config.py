@@ -85,6 +85,10 @@ class UNetConfig:
     # linear layers (adm_in_channels, LDM num_classes="sequential", e.g. SDXL's pooled text + sizes).
     num_classes: int = 0
     adm_in_channels: int = 0
+    # Levels whose transformers' first attention attends to the text context instead of to the image
+    # tokens (LDM `disable_self_attentions` by level, diffusers `only_cross_attention` by down block;
+    # the x4 upscaler: levels 1 and 2). The middle block always keeps self-attention.
+    cross_only_levels: tuple[int, ...] = ()
 
     def heads_for(self, channels: int) -> int:
         if self.num_head_channels > 0:
@@ -127,6 +131,18 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class LowResConfig:
+    """The x4 upscaler's noise augmentation of its low-resolution input picture (LDM
+    `ImageConcatWithNoiseAugmentation`): x_aug = sqrt(a[t]) x + sqrt(1 - a[t]) noise at t = noise level,
+    with a[t] the cumulative alphas of its own scaled_linear schedule (pixel space, not the latent's)."""
+
+    max_noise_level: int = 350  # the largest noise level (class label) the UNet was trained with
+    linear_start: float = 1e-4
+    linear_end: float = 2e-2
+    timesteps: int = 1000
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     family: Family
     inputs: ExtraInputs  # extra UNet input channels (INPUT_KINDS), set by detection from the UNet's
@@ -136,6 +152,7 @@ class ModelConfig:
     vae: VAEConfig
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     resolution: int = 512  # the picture size it was trained at: the default width and height
+    lowres: LowResConfig | None = None  # the upscaler's low-res input augmentation (inputs "lowres" only)
 
     @property
     def kind(self) -> InputKind:
@@ -162,4 +179,16 @@ PRESETS: dict[str, ModelConfig] = {
     "sd2": ModelConfig("sd2", "none", "eps", SD2_TEXT, SD2_UNET, VAEConfig()),
     "sd2-v": ModelConfig("sd2", "none", "v", SD2_TEXT, SD2_UNET, VAEConfig()),
     "sd2-inpainting": ModelConfig("sd2", "inpaint", "eps", SD2_TEXT, replace(SD2_UNET, in_channels=9), VAEConfig()),
+    # Stability-AI/stablediffusion configs/stable-diffusion/x4-upscaling.yaml: parameterization v, linear_start
+    # 1e-4 / linear_end 2e-2, scale_factor 0.08333, UNet in_channels 7 (4 latent + 3 RGB), model_channels 256,
+    # channel_mult [1,2,2,4], attention_resolutions [2,4,8], num_heads 8, num_classes 1000 (the noise level),
+    # disable_self_attentions [T,T,T,F] (level 0 has no attention), VAE ch_mult [1,2,4] (f = 4), and
+    # low_scale_config: max_noise_level 350 on linear 1e-4..2e-2. Detection fills an upscaler's gaps from it.
+    "sd2-x4-upscaler-v": ModelConfig(
+        "sd2", "lowres", "v", SD2_TEXT,
+        replace(SD2_UNET, in_channels=7, model_channels=256, channel_mult=(1, 2, 2, 4), attention_levels=(1, 2, 3),
+                num_heads=8, num_head_channels=-1, num_classes=1000, cross_only_levels=(1, 2)),
+        VAEConfig(ch_mult=(1, 2, 4), scale_factor=0.08333),
+        ScheduleConfig(linear_start=1e-4, linear_end=2e-2), lowres=LowResConfig(),
+    ),
 }

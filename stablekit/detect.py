@@ -1,24 +1,29 @@
 """Model detection: read an LDM-layout state dict's keys and shapes, return its configs.
 
 Everything that the weights determine is read from them (sizes, depth, attention levels,
-input channels, text-encoder layout). What they cannot tell (prediction type, head counts
-of non-standard sizes) comes from `Hints`, which the loader fills from a config file, a
-sidecar `.yaml` or a flag; each hint records where it came from.
+input channels, text-encoder layout, which levels attend to the text only). What they cannot
+tell (prediction type, head counts of non-standard sizes, the schedule) comes from `Hints`,
+which the loader fills from a config file, a sidecar `.yaml` or a flag; each hint records
+where it came from. For the x4 upscaler, whose single file usually comes without a config,
+`upscaler_hints` fills the rest from its published x4-upscaling.yaml.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 from .config import (
     INPUT_KINDS,
+    PRESETS,
     SD1_UNET,
     SD2_UNET,
     InputKind,
+    LowResConfig,
     ModelConfig,
     Prediction,
+    ScheduleConfig,
     TextEncoderConfig,
     UNetConfig,
     VAEConfig,
@@ -47,6 +52,11 @@ class Hints:
     latent_size: int | None = None  # the training latent size (LDM image_size, diffusers sample_size)
     unet_norm_groups: int | None = None  # GroupNorm groups, where not SD's 32 (diffusers' norm_num_groups)
     vae_norm_groups: int | None = None
+    # Levels whose attn1 attends to the text (LDM disable_self_attentions); used only where the
+    # weights cannot tell, i.e. where a level's channels equal the context width.
+    unet_cross_only_levels: tuple[int, ...] | None = None
+    schedule: ScheduleConfig | None = None  # None: SD's 0.00085..0.012
+    lowres: LowResConfig | None = None  # the upscaler's noise augmentation (lowres models only)
 
 
 def _count(sd: Mapping, pattern: str) -> int:
@@ -59,6 +69,10 @@ def _shape(sd: Mapping, key: str) -> tuple[int, ...]:
     if key not in sd:
         raise CheckpointError(f"not a Stable Diffusion checkpoint: key '{key}' is missing")
     return tuple(sd[key].shape)
+
+
+def _present(sd: Mapping, *keys: str) -> bool:
+    return all(k in sd for k in keys)
 
 
 def detect_unet(sd: Mapping, hints: Hints) -> UNetConfig:
@@ -84,6 +98,13 @@ def detect_unet(sd: Mapping, hints: Hints) -> UNetConfig:
     depth = _count(sd, re.escape(first) + r"transformer_blocks\.(\d+)\.")
     context_dim = _shape(sd, first + "transformer_blocks.0.attn2.to_k.weight")[1]
     use_linear = len(_shape(sd, first + "proj_in.weight")) == 2
+    blocks = {level: p + f"input_blocks.{levels[level][0]}.1." for level in attention}
+    cross_only = _cross_only_levels(sd, blocks, context_dim, hints.unet_cross_only_levels)
+    middle = p + "middle_block.1.transformer_blocks.0.attn1."
+    if _present(sd, middle + "to_k.weight", middle + "to_q.weight") and \
+            _shape(sd, middle + "to_k.weight")[1] != _shape(sd, middle + "to_q.weight")[0]:
+        raise CheckpointError(f"unsupported UNet layout: '{middle}to_k.weight' attends to the text context "
+                              "(LDM disable_middle_self_attn); only the levels' attentions may do so")
     # Head counts are not in the weights: SD 1 uses 8 heads, SD 2 64 channels per head.
     base = SD2_UNET if context_dim == 1024 or use_linear else SD1_UNET
     heads, head_ch = base.num_heads, base.num_head_channels
@@ -105,7 +126,32 @@ def detect_unet(sd: Mapping, hints: Hints) -> UNetConfig:
         norm_groups=hints.unet_norm_groups or 32,
         num_classes=sd[p + "label_emb.weight"].shape[0] if p + "label_emb.weight" in sd else 0,
         adm_in_channels=sd[p + "label_emb.0.0.weight"].shape[1] if p + "label_emb.0.0.weight" in sd else 0,
+        cross_only_levels=cross_only,
     )
+
+
+def _cross_only_levels(
+    sd: Mapping, blocks: dict[int, str], context_dim: int, hint: tuple[int, ...] | None
+) -> tuple[int, ...]:
+    """The levels whose attn1 attends to the text, read off attn1.to_k's input width [C, width]:
+    the level's channels (self-attention) or the context width (cross-only). Where the two are
+    equal the weights cannot tell, and `hint` decides (absent: self-attention, as in SD)."""
+    found = []
+    for level, block in blocks.items():
+        key, q_key = block + "transformer_blocks.0.attn1.to_k.weight", block + "transformer_blocks.0.attn1.to_q.weight"
+        if not _present(sd, key, q_key):  # the loader's key check names what is missing
+            continue
+        width, channels = _shape(sd, key)[1], _shape(sd, q_key)[0]
+        if width == channels == context_dim:
+            cross = hint is not None and level in hint
+        elif width in (channels, context_dim):
+            cross = width == context_dim
+        else:
+            raise CheckpointError(f"'{key}' takes {width} features: neither the block's {channels} channels "
+                                  f"(self-attention) nor the context width {context_dim} (cross-attention)")
+        if cross:
+            found.append(level)
+    return tuple(found)
 
 
 def detect_vae(sd: Mapping, hints: Hints) -> VAEConfig:
@@ -153,13 +199,51 @@ def detect(sd: Mapping, hints: Hints = Hints()) -> ModelConfig:
             "not a Stable Diffusion checkpoint: no 'model.diffusion_model.*' keys "
             f"(found {len(sd)} keys, e.g. {', '.join(list(sd)[:3]) or 'none'})"
         )
+    hints = upscaler_hints(sd, hints)[0]
     unet = detect_unet(sd, hints)
     text = detect_text(sd, hints)
     if text.width != unet.context_dim:
         raise CheckpointError(f"text encoder width {text.width} does not match UNet context width {unet.context_dim}")
     family = "sd2" if text.layout == "openclip" else "sd1"
     vae = detect_vae(sd, hints)
-    return ModelConfig(family, input_kind(unet, vae).name, hints.prediction or "eps", text, unet, vae)
+    kind = input_kind(unet, vae)
+    lowres = (hints.lowres or LowResConfig()) if kind.name == "lowres" else None
+    return ModelConfig(family, kind.name, hints.prediction or "eps", text, unet, vae,
+                       schedule=hints.schedule or ScheduleConfig(), lowres=lowres)
+
+
+# What the x4 upscaler's weights cannot tell, as its published config says (the preset's source).
+X4_CONFIG = "x4-upscaling.yaml"
+_X4 = PRESETS["sd2-x4-upscaler-v"]
+X4_HINTS = Hints(prediction=_X4.prediction, unet_num_heads=_X4.unet.num_heads, vae_scale_factor=_X4.vae.scale_factor,
+                 unet_cross_only_levels=_X4.unet.cross_only_levels, schedule=_X4.schedule, lowres=_X4.lowres)
+
+
+def upscaler_hints(sd: Mapping, hints: Hints) -> tuple[Hints, list[str]]:
+    """For an upscaler (4 + 3 input channels), the x4 config's values for the facts no source gave,
+    and a note naming them; other models' hints are returned as they are."""
+    unet_in, vae_z = UNET + "input_blocks.0.0.weight", VAE + "decoder.conv_in.weight"
+    if unet_in not in sd or vae_z not in sd or sd[unet_in].shape[1] - sd[vae_z].shape[1] != INPUT_KINDS["lowres"].channels:
+        return hints, []
+    x4 = X4_HINTS
+    facts = {
+        "prediction": f"{x4.prediction}-prediction",
+        "unet_num_heads": f"{x4.unet_num_heads} attention heads",
+        "vae_scale_factor": f"VAE scale {x4.vae_scale_factor}",
+        "unet_cross_only_levels": f"text-only attn1 at levels {x4.unet_cross_only_levels} where the weights cannot tell",
+        "schedule": f"schedule {x4.schedule.linear_start:g}..{x4.schedule.linear_end:g}",
+        "lowres": f"noise augmentation up to level {x4.lowres.max_noise_level}",
+    }
+    given = {name for name in facts if getattr(hints, name) is not None}
+    if hints.unet_num_head_channels:  # a head width is a head convention too
+        given.add("unet_num_heads")
+    filled: dict[str, object] = {name: getattr(x4, name) for name in facts if name not in given}
+    if not filled:
+        return hints, []
+    said = [facts[name] for name in filled]
+    if "prediction" in filled:
+        filled["prediction_source"] = f"{X4_CONFIG}, the upscaler's published config; none came with the model"
+    return replace(hints, **filled), [f"upscaler: {', '.join(said)} from {X4_CONFIG} (no config gave them)"]
 
 
 def input_kind(unet: UNetConfig, vae: VAEConfig) -> InputKind:
@@ -174,7 +258,8 @@ def input_kind(unet: UNetConfig, vae: VAEConfig) -> InputKind:
 
 def unused_keys(key: str, cfg: ModelConfig) -> bool:
     """Keys that real checkpoints carry but inference never uses (training state, unused heads)."""
-    if key.startswith(("model_ema.", "first_stage_model.loss.", "cond_stage_model.model.visual.")):
+    # low_scale_model.*: the upscaler's augmentation schedule as buffers; LowResConfig recomputes it.
+    if key.startswith(("model_ema.", "first_stage_model.loss.", "cond_stage_model.model.visual.", "low_scale_model.")):
         return True
     if key in _TRAINING_BUFFERS or key.endswith("embeddings.position_ids"):
         return True

@@ -23,7 +23,7 @@ import yaml
 from safetensors.torch import save_file
 
 from stablekit.bench.diffusers_folder import ldm_yaml, write_diffusers
-from stablekit.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from stablekit.config import LowResConfig, ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from stablekit.models import StableDiffusionModel
 
 
@@ -50,6 +50,33 @@ def tiny_config(family: str) -> ModelConfig:
     unet = UNetConfig(model_channels=32, channel_mult=(1, 1, 2, 2), num_res_blocks=1, attention_levels=(0, 1, 2),
                       num_heads=-1, num_head_channels=16, context_dim=128, use_linear_in_transformer=True)
     return ModelConfig("sd2", "none", "v", text, unet, vae)
+
+
+def tiny_upscaler_config() -> ModelConfig:
+    """x4-upscaling.yaml in miniature: 7 input channels, the noise level as one of 1000 class labels,
+    8 heads, attention at levels 1-3 with text-only attn1 at levels 1 and 2, an f = 4 VAE.
+
+    The context width (160) differs from every level's channels (64, 64, 128), so the weights tell
+    which attn1 attends to the text; level 3 grows the channels, so input_blocks.10.0 has the skip
+    convolution diffusers' detector looks for to call a file an upscaler.
+    """
+    text = TextEncoderConfig("openclip", width=160, layers=2, heads=2, mlp_width=256)
+    unet = UNetConfig(in_channels=7, model_channels=32, channel_mult=(1, 2, 2, 4), num_res_blocks=2,
+                      attention_levels=(1, 2, 3), num_heads=8, num_head_channels=-1, context_dim=160,
+                      use_linear_in_transformer=True, num_classes=1000, cross_only_levels=(1, 2))
+    vae = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, scale_factor=0.08333)
+    return ModelConfig("sd2", "lowres", "v", text, unet, vae, ScheduleConfig(1e-4, 2e-2), lowres=LowResConfig())
+
+
+def low_scale_buffers(lowres: LowResConfig) -> dict[str, torch.Tensor]:
+    """The `low_scale_model.*` buffers an original upscaler file carries (LDM AbstractLowScaleModel)."""
+    betas = torch.linspace(lowres.linear_start**0.5, lowres.linear_end**0.5, lowres.timesteps, dtype=torch.float64) ** 2
+    a = torch.cumprod(1 - betas, 0)
+    buffers = {"betas": betas, "alphas_cumprod": a, "alphas_cumprod_prev": torch.cat([torch.ones(1, dtype=a.dtype), a[:-1]]),
+               "sqrt_alphas_cumprod": a.sqrt(), "sqrt_one_minus_alphas_cumprod": (1 - a).sqrt(),
+               "log_one_minus_alphas_cumprod": (1 - a).log(), "sqrt_recip_alphas_cumprod": a.rsqrt(),
+               "sqrt_recipm1_alphas_cumprod": (1 / a - 1).sqrt()}
+    return {f"low_scale_model.{k}": v.float() for k, v in buffers.items()}
 
 
 @torch.no_grad()
@@ -114,6 +141,22 @@ def tiny_models(tmp_path_factory) -> dict[str, TinyModel]:
         write_diffusers(sd, cfg, conf, folder, root)
         models[family] = TinyModel(name, cfg, single, folder, conf)
     return models
+
+
+@pytest.fixture(scope="session")
+def tiny_upscaler(tmp_path_factory) -> TinyModel:
+    """A tiny x4 upscaler as its original single file comes: LDM layout, `low_scale_model.*` buffers and no
+    .yaml beside it. The diffusers folder (a StableDiffusionUpscalePipeline) is made by diffusers' own
+    single-file converters from the LDM config (with disable_self_attentions and num_classes), as for the others."""
+    root = tmp_path_factory.mktemp("tiny_upscaler")
+    cfg = tiny_upscaler_config()
+    sd = {**ldm_state_dict(cfg, seed=200), **low_scale_buffers(cfg.lowres)}
+    conf = ldm_yaml(cfg)
+    single = root / "tiny-x4-upscaler.safetensors"
+    save_file(sd, str(single))
+    folder = root / "tiny-x4-upscaler-diffusers"
+    write_diffusers(sd, cfg, conf, folder, root)
+    return TinyModel("tiny-x4-upscaler", cfg, single, folder, conf)
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,8 @@ def ldm_yaml(cfg: ModelConfig) -> dict:
         unet["num_classes"] = u.num_classes
     if u.adm_in_channels:  # a float vector through two linear layers
         unet.update(num_classes="sequential", adm_in_channels=u.adm_in_channels)
+    if u.cross_only_levels:  # attn1 attends to the text at these levels (the x4 upscaler)
+        unet["disable_self_attentions"] = [level in u.cross_only_levels for level in range(len(u.channel_mult))]
     ddconfig = {"ch": v.ch, "ch_mult": list(v.ch_mult), "num_res_blocks": v.num_res_blocks, "z_channels": v.z_channels,
                 "in_channels": 3, "out_ch": 3, "resolution": 256, "double_z": True, "attn_resolutions": []}
     # Not LDM keys but diffusers' name, which stablekit's .yaml reader accepts: only small models need it.
@@ -40,10 +42,18 @@ def ldm_yaml(cfg: ModelConfig) -> dict:
         unet["norm_num_groups"] = u.norm_groups
     if v.norm_groups != SD_NORM_GROUPS:
         ddconfig["norm_num_groups"] = v.norm_groups
-    params = {"scale_factor": v.scale_factor, "unet_config": {"params": unet},
+    s = cfg.schedule
+    params = {"linear_start": s.linear_start, "linear_end": s.linear_end, "timesteps": s.timesteps,
+              "scale_factor": v.scale_factor, "unet_config": {"params": unet},
               "first_stage_config": {"params": {"ddconfig": ddconfig}}}
     if cfg.prediction == "v":
         params["parameterization"] = "v"
+    if cfg.lowres is not None:  # the x4 upscaler's noise augmentation of its low-res input
+        lr = cfg.lowres
+        noise = {"linear_start": lr.linear_start, "linear_end": lr.linear_end, "timesteps": lr.timesteps}
+        params["low_scale_config"] = {
+            "target": "ldm.modules.diffusionmodules.upscaling.ImageConcatWithNoiseAugmentation",
+            "params": {"noise_schedule_config": noise, "max_noise_level": lr.max_noise_level}}
     return {"model": {"params": params}}
 
 
@@ -52,7 +62,8 @@ def write_diffusers(sd: dict[str, torch.Tensor], cfg: ModelConfig, ldm_config: d
 
     `tmp` is a scratch folder for the tokenizer's vocabulary files.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline,
+                           StableDiffusionUpscalePipeline, UNet2DConditionModel)
     from diffusers.loaders import single_file_utils as su
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -90,11 +101,20 @@ def write_diffusers(sd: dict[str, torch.Tensor], cfg: ModelConfig, ldm_config: d
                                               pad_token="<|endoftext|>" if t.layout == "clip" else "!")
     if len(tokenizer) != 49408:
         raise ValueError(f"CLIP tokenizer has {len(tokenizer)} tokens, expected 49408")
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1,
+    s = cfg.schedule
+    scheduler = DDIMScheduler(beta_start=s.linear_start, beta_end=s.linear_end, num_train_timesteps=s.timesteps,
+                              beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                               prediction_type="v_prediction" if cfg.prediction == "v" else "epsilon")
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if cfg.lowres is not None:  # the x4 upscaler: as stabilityai/stable-diffusion-x4-upscaler's model_index.json
+        lr = cfg.lowres
+        low_res = DDPMScheduler(beta_start=lr.linear_start, beta_end=lr.linear_end, num_train_timesteps=lr.timesteps,
+                                beta_schedule="scaled_linear")
+        pipe = StableDiffusionUpscalePipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                              low_res_scheduler=low_res, scheduler=scheduler,
+                                              max_noise_level=lr.max_noise_level)
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
 
 

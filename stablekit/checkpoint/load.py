@@ -11,8 +11,8 @@ from typing import Mapping
 
 import torch
 
-from ..config import ModelConfig, Prediction, ScheduleConfig
-from ..detect import CheckpointError, detect, unused_keys
+from ..config import ModelConfig, Prediction
+from ..detect import CheckpointError, detect, unused_keys, upscaler_hints
 from ..models import StableDiffusionModel
 from .files import read_tensors, release, shapes_of
 from .sources import SINGLE_FILE_SUFFIXES, read_diffusers_folder, resolve, yaml_hints
@@ -83,9 +83,8 @@ def open_checkpoint(
     """
     path = resolve(spec)
     notes: list[str] = []
-    schedule = ScheduleConfig()
     if path.is_dir():
-        sd, hints, schedule, notes = read_diffusers_folder(path)
+        sd, hints, notes = read_diffusers_folder(path)
     elif path.suffix in SINGLE_FILE_SUFFIXES:
         sd = read_tensors(path)
         hints, notes = yaml_hints(path)
@@ -94,7 +93,10 @@ def open_checkpoint(
         raise CheckpointError(f"{path.name}: unknown checkpoint type; expected one of {', '.join(SINGLE_FILE_SUFFIXES)} or a folder")
     if prediction is not None:
         hints = replace(hints, prediction=prediction, prediction_source="--prediction")
-    cfg = replace(detect(shapes_of(sd), hints), schedule=schedule)
+    shapes = shapes_of(sd)
+    hints, filled = upscaler_hints(shapes, hints)  # an upscaler's missing facts, from its published config
+    notes += filled
+    cfg = detect(shapes, hints)
     if hints.latent_size:
         cfg = replace(cfg, resolution=hints.latent_size * cfg.vae.downscale)
     source = hints.prediction_source or "default; weights cannot tell, use --prediction v or a .yaml for v-models"

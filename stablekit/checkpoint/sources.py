@@ -9,7 +9,7 @@ from typing import Mapping
 
 import torch
 
-from ..config import ScheduleConfig
+from ..config import LowResConfig, ScheduleConfig
 from ..detect import CheckpointError, Hints
 from ..diffusers_keys import clip_to_ldm, openclip_to_ldm, unet_to_ldm, vae_to_ldm
 from .files import Remapped, reason, read_tensors
@@ -31,7 +31,10 @@ def yaml_hints(path: Path) -> tuple[Hints, list[str]]:
         raise CheckpointError(f"{sidecar.name}: not an LDM model config ({e})") from None
     unet = (params.get("unet_config") or {}).get("params", {})
     ddconfig = ((params.get("first_stage_config") or {}).get("params") or {}).get("ddconfig") or {}
+    low_scale = (params.get("low_scale_config") or {}).get("params") or {}
     pred = params.get("parameterization")
+    if unet.get("disable_middle_self_attn"):
+        raise CheckpointError(f"{sidecar.name}: disable_middle_self_attn is not supported (a text-only middle block)")
     hints = Hints(
         prediction={"v": "v", "eps": "eps"}.get(pred) if pred else None,
         prediction_source=f"{sidecar.name}" if pred else None,
@@ -42,10 +45,45 @@ def yaml_hints(path: Path) -> tuple[Hints, list[str]]:
         # Not LDM keys: diffusers' name, for small models whose GroupNorms are not SD's 32 groups.
         unet_norm_groups=_positive_int(unet.get("norm_num_groups")),
         vae_norm_groups=_positive_int(ddconfig.get("norm_num_groups")),
+        unet_cross_only_levels=_flags_to_levels(unet.get("disable_self_attentions"), sidecar.name),
+        schedule=_ldm_schedule(params, sidecar.name),
+        lowres=_ldm_lowres(low_scale, sidecar.name) if low_scale else None,
     )
     if pred and hints.prediction is None:
         raise CheckpointError(f"{sidecar.name}: unknown parameterization '{pred}' (expected eps or v)")
     return hints, [f"config: {sidecar.name}"]
+
+
+# LDM's own defaults (DDPM and AbstractLowScaleModel.register_schedule) for a key a config leaves out.
+_LDM_SCHEDULE = ScheduleConfig(linear_start=1e-4, linear_end=2e-2, timesteps=1000)
+
+
+def _ldm_schedule(params: dict, name: str) -> ScheduleConfig | None:
+    """LDM's `linear_start`, `linear_end`, `timesteps` (None if it gives none); its "linear" betas are
+    diffusers' scaled_linear (linspace of the square roots, squared)."""
+    if params.get("beta_schedule", "linear") != "linear":
+        raise CheckpointError(f"{name}: beta_schedule '{params['beta_schedule']}' is not supported (expected linear)")
+    if not any(k in params for k in ("linear_start", "linear_end", "timesteps")):
+        return None
+    d = _LDM_SCHEDULE
+    return ScheduleConfig(float(params.get("linear_start", d.linear_start)), float(params.get("linear_end", d.linear_end)),
+                          _positive_int(params.get("timesteps")) or d.timesteps)
+
+
+def _ldm_lowres(low_scale: dict, name: str) -> LowResConfig:
+    """`low_scale_config.params` of LDM's ImageConcatWithNoiseAugmentation (the x4 upscaler)."""
+    sched = _ldm_schedule(low_scale.get("noise_schedule_config") or {}, name) or _LDM_SCHEDULE
+    level = _positive_int(low_scale.get("max_noise_level")) or LowResConfig.max_noise_level
+    return LowResConfig(level, sched.linear_start, sched.linear_end, sched.timesteps)
+
+
+def _flags_to_levels(flags: object, name: str) -> tuple[int, ...] | None:
+    """Per-level booleans (LDM disable_self_attentions, diffusers only_cross_attention) -> the True levels."""
+    if flags is None:
+        return None
+    if not isinstance(flags, (list, tuple)) or not all(isinstance(f, bool) for f in flags):
+        raise CheckpointError(f"{name}: expected a list of true/false per level for the text-only attentions, got {flags!r}")
+    return tuple(i for i, f in enumerate(flags) if f)
 
 
 def _positive_int(value: object) -> int | None:
@@ -59,12 +97,24 @@ def _json(path: Path) -> dict:
         raise CheckpointError(f"{path}: cannot read config ({e})") from None
 
 
-def _schedule_from_diffusers(conf: dict) -> ScheduleConfig:
+def _schedule_from_diffusers(conf: dict, name: str = "scheduler") -> ScheduleConfig:
     kind = conf.get("beta_schedule", "scaled_linear")
     if kind != "scaled_linear":
-        raise CheckpointError(f"scheduler beta_schedule '{kind}' is not supported (Stable Diffusion uses scaled_linear)")
+        raise CheckpointError(f"{name} beta_schedule '{kind}' is not supported (Stable Diffusion uses scaled_linear)")
     return ScheduleConfig(conf.get("beta_start", 0.00085), conf.get("beta_end", 0.012), conf.get("num_train_timesteps", 1000),
                           zero_terminal_snr=bool(conf.get("rescale_betas_zero_snr", False)))
+
+
+def _lowres_from_diffusers(folder: Path) -> LowResConfig | None:
+    """StableDiffusionUpscalePipeline's `max_noise_level` (model_index.json) and `low_res_scheduler`."""
+    index_path, sched_path = folder / "model_index.json", folder / "low_res_scheduler" / "scheduler_config.json"
+    level = _positive_int(_json(index_path).get("max_noise_level")) if index_path.is_file() else None
+    if level is None and not sched_path.is_file():
+        return None
+    d = LowResConfig()
+    s = (_schedule_from_diffusers(_json(sched_path), "low_res_scheduler") if sched_path.is_file()
+         else ScheduleConfig(d.linear_start, d.linear_end, d.timesteps))
+    return LowResConfig(level or d.max_noise_level, s.linear_start, s.linear_end, s.timesteps)
 
 
 def _component_weights(folder: Path, stems: tuple[str, ...]) -> Path:
@@ -87,7 +137,15 @@ def _unet_head_hints(conf: dict) -> dict:
     return {"unet_num_head_channels": per_head.pop()}
 
 
-def read_diffusers_folder(folder: Path) -> tuple[Mapping[str, torch.Tensor], Hints, ScheduleConfig, list[str]]:
+def _only_cross_levels(conf: dict) -> tuple[int, ...]:
+    """UNet2DConditionModel's `only_cross_attention`: one flag for all down blocks or one per block."""
+    flags = conf.get("only_cross_attention", False)  # diffusers' default: every attn1 attends to the image
+    if isinstance(flags, bool):
+        flags = [flags] * len(conf["block_out_channels"])
+    return _flags_to_levels(flags, "unet/config.json only_cross_attention") or ()
+
+
+def read_diffusers_folder(folder: Path) -> tuple[Mapping[str, torch.Tensor], Hints, list[str]]:
     for sub in ("unet", "vae", "text_encoder"):
         if not (folder / sub / "config.json").is_file():
             raise CheckpointError(f"{folder}: not a diffusers Stable Diffusion folder ({sub}/config.json is missing)")
@@ -119,11 +177,14 @@ def read_diffusers_folder(folder: Path) -> tuple[Mapping[str, torch.Tensor], Hin
         latent_size=_positive_int(unet_conf.get("sample_size")),
         unet_norm_groups=_positive_int(unet_conf.get("norm_num_groups")),
         vae_norm_groups=_positive_int(vae_conf.get("norm_num_groups")),
+        unet_cross_only_levels=_only_cross_levels(unet_conf),
+        schedule=_schedule_from_diffusers(sched_conf) if sched_path.is_file() else None,
+        lowres=_lowres_from_diffusers(folder),
         **_unet_head_hints(unet_conf),
     )
     if sched_conf.get("prediction_type") and pred is None:
         raise CheckpointError(f"scheduler prediction_type '{sched_conf['prediction_type']}' is not supported")
-    return sd, hints, _schedule_from_diffusers(sched_conf), ["format: diffusers folder"]
+    return sd, hints, ["format: diffusers folder"]
 
 
 def _download(repo_id: str) -> Path:

@@ -122,9 +122,13 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, context_dim: int):
+    """attn1 (self-attention, or with `cross_only` a second attention to the text: LDM `disable_self_attn`),
+    attn2 (cross-attention to the text), then the feed-forward; each pre-normed and residual."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int, cross_only: bool = False):
         super().__init__()
-        self.attn1 = CrossAttention(dim, dim, heads)
+        self.cross_only = cross_only
+        self.attn1 = CrossAttention(dim, context_dim if cross_only else dim, heads)
         self.ff = FeedForward(dim)
         self.attn2 = CrossAttention(dim, context_dim, heads)
         self.norm1 = nn.LayerNorm(dim)
@@ -132,7 +136,7 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn1(self.norm1(x), context if self.cross_only else None)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -140,13 +144,17 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Image tokens attend to themselves and to the text context (LDM)."""
 
-    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, use_linear: bool):
+    def __init__(
+        self, channels: int, heads: int, depth: int, context_dim: int, use_linear: bool, cross_only: bool = False
+    ):
         super().__init__()
         self.use_linear = use_linear
         self.norm = normalization(channels, eps=1e-6)
         proj = (lambda: nn.Linear(channels, channels)) if use_linear else (lambda: nn.Conv2d(channels, channels, 1))
         self.proj_in = proj()
-        self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth))
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(channels, heads, context_dim, cross_only) for _ in range(depth)
+        )
         self.proj_out = proj()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -214,10 +222,9 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.label_emb = _vector_embedding(cfg, emb)
 
-        def transformer(ch: int) -> SpatialTransformer:
-            return SpatialTransformer(
-                ch, cfg.heads_for(ch), cfg.transformer_depth, cfg.context_dim, cfg.use_linear_in_transformer
-            )
+        def transformer(ch: int, level: int | None) -> SpatialTransformer:  # level None: the middle block
+            return SpatialTransformer(ch, cfg.heads_for(ch), cfg.transformer_depth, cfg.context_dim,
+                                      cfg.use_linear_in_transformer, cross_only=level in cfg.cross_only_levels)
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
         skip_channels = [mc]
@@ -228,14 +235,14 @@ class UNetModel(nn.Module):
                 layers: list[nn.Module] = [ResBlock(ch, emb, mc * mult)]
                 ch = mc * mult
                 if level in cfg.attention_levels:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != last:
                 self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
                 skip_channels.append(ch)
 
-        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb, ch), transformer(ch), ResBlock(ch, emb, ch))
+        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb, ch), transformer(ch, None), ResBlock(ch, emb, ch))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -243,7 +250,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), emb, mc * mult)]
                 ch = mc * mult
                 if level in cfg.attention_levels:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, level))
                 if level != 0 and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
