@@ -259,7 +259,9 @@ def input_kind(unet: UNetConfig, vae: VAEConfig) -> InputKind:
 def unused_keys(key: str, cfg: ModelConfig) -> bool:
     """Keys that real checkpoints carry but inference never uses (training state, unused heads)."""
     # low_scale_model.*: the upscaler's augmentation schedule as buffers; LowResConfig recomputes it.
-    if key.startswith(("model_ema.", "first_stage_model.loss.", "cond_stage_model.model.visual.", "low_scale_model.")):
+    # depth_model.*: the depth model's DPT estimator, loaded on its own when depth2img needs it.
+    if key.startswith(("model_ema.", "first_stage_model.loss.", "cond_stage_model.model.visual.", "low_scale_model.",
+                       "depth_model.")):
         return True
     if key in _TRAINING_BUFFERS or key.endswith("embeddings.position_ids"):
         return True

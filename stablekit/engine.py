@@ -16,12 +16,13 @@ from .config import ModelConfig, Prediction
 from .detect import CheckpointError
 from .diffusion.samplers import Callback
 from .diffusion.schedule import ModelSchedule
-from .images import infotext, to_pil
+from .images import infotext, to_pil, to_tensor
 from .models.tokenizer import CLIPTokenizer
 from .models.vae_tiling import Tiling
 from .params import GenerationParams
 from .pipeline import tasks
 from .pipeline.conditioning import TaskContext
+from .pipeline.depth import DepthEstimator, checkpoint_depth_estimator, load_depth_estimator
 from .pipeline.seeds import variation_infotext
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -78,10 +79,27 @@ class Engine:
         self.device = device
         self.dtype = dtype
         self.addons = addons or Addons(loaded.model, checkpoint=loaded.path)
+        self._depth_estimators: dict[str | None, DepthEstimator] = {}
         self.context = TaskContext(
             loaded.model, CLIPTokenizer(pad_id=cfg.text.pad_id), ModelSchedule(cfg.schedule), device, dtype,
-            quantize_timesteps, self.addons.embeddings,
+            quantize_timesteps, self.addons.embeddings, depth_estimator=self.depth_estimator,
         )
+
+    def depth_estimator(self, path: str | Path | None = None) -> DepthEstimator:
+        """A DPT depth estimator: from a Hugging Face folder, or (None) the one the checkpoint carries
+        (a single file's depth_model.* weights, a diffusers folder's depth_estimator/). Loaded once."""
+        key = None if path is None else str(path)
+        if key not in self._depth_estimators:
+            if path is not None:
+                estimator = load_depth_estimator(path, device=self.device)
+            else:
+                estimator = checkpoint_depth_estimator(self.loaded.path, device=self.device)
+            self._depth_estimators[key] = estimator
+        return self._depth_estimators[key]
+
+    def estimate_depth(self, image: Image.Image, depth_model: str | Path | None = None) -> torch.Tensor:
+        """A picture's relative inverse depth (larger = nearer) [1, 1, h, w] at the estimator's input size."""
+        return self.depth_estimator(depth_model).predict(to_tensor(image.convert("RGB")).to(self.device))
 
     def set_vae_tiling(self, tiling: bool | Tiling) -> None:
         """Decode and encode pictures tile by tile (True: the default tiles), or whole (False)."""
@@ -158,6 +176,10 @@ class Engine:
     def inpaint(self, image: Image.Image, mask: Image.Image, params: GenerationParams | None = None,
                 **kw: Any) -> list[Image.Image]:
         return self.run("inpaint", params, image=image, mask=mask, **kw)
+
+    def depth2img(self, image: Image.Image, params: GenerationParams | None = None, **kw: Any) -> list[Image.Image]:
+        """img2img that keeps the picture's depth (a depth model): depth_map= a picture, else estimated."""
+        return self.run("depth2img", params, image=image, **kw)
 
     def outpaint(self, image: Image.Image, params: GenerationParams | None = None, **kw: Any) -> list[Image.Image]:
         """Extend the canvas (left=, right=, top=, bottom= pixels; fill= edges or noise) and inpaint the new area."""

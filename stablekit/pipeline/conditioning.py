@@ -20,6 +20,7 @@ from ..masks import latent_mask
 from ..models import StableDiffusionModel
 from ..models.tokenizer import CLIPTokenizer
 from ..params import GenerationParams
+from .depth import DepthEstimator, depth_for_latents
 from .steps import encode_picture
 from .text import TextSettings, encode_prompt, encode_texts, prompt_text
 
@@ -38,6 +39,8 @@ class TaskContext:
     notes: dict[str, object] = field(default_factory=dict)  # infotext fields a job adds (a per-job copy)
     # An SD x4 upscaler for the "x4" hires upscaler: pictures [B, 3, h, w] in [0, 1] -> [B, 3, 4h, 4w].
     upscaler: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # The depth estimator for a depth model: from a folder (its path) or, with None, the checkpoint's own.
+    depth_estimator: Callable[[str | None], DepthEstimator] | None = None
 
     def denoiser(self) -> ModelDenoiser:
         cfg = self.model.cfg
@@ -64,6 +67,7 @@ class Pictures:
     picture: torch.Tensor | None = None  # [1, 3, H, W] in [0, 1]
     mask: torch.Tensor | None = None  # [1, 1, H, W], 1 = repaint (may be soft)
     mask_strength: float = 1.0  # inpainting models: how much of the masked picture is hidden
+    depth: torch.Tensor | None = None  # [1, 1, h, w] any size, larger = nearer (MiDaS inverse depth)
 
 
 def _inpaint_channels(ctx: TaskContext, given: Pictures) -> torch.Tensor:
@@ -78,8 +82,17 @@ def _inpaint_channels(ctx: TaskContext, given: Pictures) -> torch.Tensor:
     return torch.cat([latent_mask(given.mask, masked.shape[-2:]).to(masked.device), masked], dim=1)
 
 
+def _depth_channel(ctx: TaskContext, given: Pictures) -> torch.Tensor:
+    """Channel 5 of a depth model: the depth map resized straight to the latent size (bicubic) and
+    min-max normalised to [-1, 1], the same for both CFG halves (diffusers' depth2img, LDM 'hybrid')."""
+    if given.depth is None:
+        raise ValueError("a depth model needs a depth map or a depth estimator: use depth2img")
+    _, h, w = ctx.latent_shape(given.picture.shape[-1], given.picture.shape[-2])
+    return depth_for_latents(given.depth, (h, w)).to(ctx.device)
+
+
 ExtraInputBuilder = Callable[[TaskContext, Pictures], torch.Tensor]
-EXTRA_INPUTS: dict[str, ExtraInputBuilder] = {"inpaint": _inpaint_channels}  # "none": no channels
+EXTRA_INPUTS: dict[str, ExtraInputBuilder] = {"inpaint": _inpaint_channels, "depth": _depth_channel}  # "none": none
 
 
 def extra_inputs(ctx: TaskContext, given: Pictures, batch: int) -> torch.Tensor | None:

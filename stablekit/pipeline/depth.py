@@ -379,3 +379,23 @@ def save_depth_png(depth: torch.Tensor, path: str | Path) -> Path:
     path = Path(path)
     image.save(path, format="PNG")
     return path
+
+
+def checkpoint_depth_estimator(path: Path | None, *, dtype: torch.dtype = torch.float32,
+                               device: torch.device | str = "cpu") -> DepthEstimator:
+    """The estimator a depth checkpoint carries: a single file's depth_model.* weights, or a diffusers
+    folder's depth_estimator/ (with feature_extractor/preprocessor_config.json)."""
+    if path is not None and path.is_dir() and (path / "depth_estimator").is_dir():
+        estimator = load_depth_estimator(path / "depth_estimator", dtype=dtype, device=device)
+        pre = path / "feature_extractor" / "preprocessor_config.json"
+        if pre.is_file():
+            estimator.preprocess = DepthPreprocess.from_json(json.loads(pre.read_text(encoding="utf-8")))
+        return estimator
+    estimator = None
+    if path is not None and path.is_file():
+        estimator = depth_estimator_from_checkpoint(read_tensors(path), dtype=dtype, device=device)
+    if estimator is None:
+        where = path.name if path is not None else "this model"
+        raise ValueError(f"{where} carries no depth estimator (depth_model.* weights or a depth_estimator/ "
+                         "folder): give a depth map, or --depth-model with a DPT folder such as Intel/dpt-hybrid-midas")
+    return estimator

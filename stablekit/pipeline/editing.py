@@ -37,6 +37,7 @@ class Canvas:
     paste_mask: torch.Tensor | None = None
     whole: torch.Tensor | None = None
     box: tuple[int, int, int, int] | None = None
+    depth: torch.Tensor | None = None  # depth2img: the depth map [1, 1, h, w] (larger = nearer)
 
 
 def finish(model: StableDiffusionModel, canvas: Canvas, latents: torch.Tensor | None, batch: int) -> torch.Tensor:

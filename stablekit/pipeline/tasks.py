@@ -17,7 +17,8 @@ from PIL import Image
 from ..config import INPUT_KINDS, ModelConfig
 from ..diffusion.samplers import Callback
 from ..params import GenerationParams
-from .conditioning import TaskContext, guided_denoiser
+from .conditioning import Pictures, TaskContext, extra_inputs, guided_denoiser
+from .depth import depth_map_from_picture
 from .editing import Canvas, finish, fitted_canvas, inpaint_canvas, outpaint_canvas, outpaint_size
 from .hires import hires_infotext, hires_pass
 from .inpainting import inpaint_latents
@@ -119,11 +120,13 @@ def _progress(callback: Callback | None, done: int, total: int) -> Callback | No
 def img2img_latents(ctx: TaskContext, p: GenerationParams, canvas: Canvas, noise: torch.Tensor | None = None,
                     callback: Callback | None = None) -> torch.Tensor:
     """The canvas picture's latent noised to the strength's point of the schedule, then sampled from
-    there: only the last int(steps * strength) steps run, as diffusers and the web UI do."""
+    there: only the last int(steps * strength) steps run, as diffusers do. A depth model gets the
+    canvas's depth map as its extra channel (depth2img)."""
     plan = plan_sampling(ctx.schedule, p, ctx.latent_shape(p.width, p.height), ctx.device, noise,
                          p.denoising_strength)
     start = encode_picture(ctx.model, canvas.picture.expand(p.batch_size, -1, -1, -1))
-    return denoise(guided_denoiser(ctx, p), plan, start=start, callback=callback)
+    concat = extra_inputs(ctx, Pictures(canvas.picture, depth=canvas.depth), p.batch_size)
+    return denoise(guided_denoiser(ctx, p, concat), plan, start=start, callback=callback)
 
 
 def _inpaint_sample(ctx: TaskContext, p: GenerationParams, canvas: Canvas, noise: torch.Tensor | None = None,
@@ -157,11 +160,30 @@ def _outpaint_prepare(ctx: TaskContext, p: GenerationParams, inputs: Inputs) -> 
     return inpaint_canvas(canvas, mask, p, ctx.device)
 
 
+def _depth2img_prepare(ctx: TaskContext, p: GenerationParams, inputs: Inputs) -> Canvas:
+    """The fitted picture and its depth: the given map, or the estimator's prediction for the picture."""
+    canvas = fitted_canvas(inputs["image"], p, ctx.device)
+    if inputs["depth_map"] is not None:
+        depth = depth_map_from_picture(inputs["depth_map"])
+        if depth.shape[-2:] != canvas.picture.shape[-2:]:
+            size = f"{depth.shape[-1]}x{depth.shape[-2]}"
+            ctx.notes["Depth map"] = f"{size} resized"  # it goes straight to the latent size, as any map does
+        return replace(canvas, depth=depth)
+    if ctx.depth_estimator is None:
+        raise ValueError("no depth estimator: give --depth-map or --depth-model")
+    estimator = ctx.depth_estimator(inputs["depth_model"])
+    return replace(canvas, depth=estimator.predict(canvas.picture))
+
+
 IMAGE = TaskInput("image", "picture", "the starting picture", flags=("--image", "-i"), required=True)
 MASK = TaskInput("mask", "mask", "white repaints, black keeps; or an RGBA picture's alpha", required=True)
 RESIZE_MASK = TaskInput("resize_mask", "flag", "resize a mask of another size instead of refusing it", default=False)
 SIDES = tuple(TaskInput(side, "int", f"pixels to add on the {side}", default=0)
               for side in ("left", "right", "top", "bottom"))
+DEPTH_MAP = TaskInput("depth_map", "depthmap", "a depth map picture (8 or 16-bit grey, larger = nearer) instead "
+                      "of estimating one")
+DEPTH_MODEL = TaskInput("depth_model", "path", "a DPT depth-estimation folder (Intel/dpt-hybrid-midas layout); "
+                        "default: the checkpoint's own")
 FILL = TaskInput("fill", "choice", "what the new area starts as", default="edges", choices=("edges", "noise"))
 
 COMMON_FIELDS = ("prompt", "negative_prompt", "steps", "cfg_scale", "sampler", "scheduler", "seed", "width", "height",
@@ -179,6 +201,10 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("img2img", "generate pictures from a picture and a prompt", COMMON_FIELDS + IMG2IMG_FIELDS,
          lambda ctx, p, inputs: fitted_canvas(inputs["image"], p, ctx.device), img2img_latents,
          inputs=(IMAGE,), size_of=_picture_size,
+         infotext=lambda p, cfg: {"Denoising strength": p.denoising_strength}),
+    Task("depth2img", "img2img that keeps the picture's depth (SD 2 depth models)", COMMON_FIELDS + IMG2IMG_FIELDS,
+         _depth2img_prepare, img2img_latents, inputs=(IMAGE, DEPTH_MAP, DEPTH_MODEL), model_kinds=("depth",),
+         defaults={"denoising_strength": 0.8}, size_of=_picture_size,
          infotext=lambda p, cfg: {"Denoising strength": p.denoising_strength}),
     Task("inpaint", "repaint the white (or transparent) part of a mask", COMMON_FIELDS + INPAINT_FIELDS,
          lambda ctx, p, inputs: inpaint_canvas(inputs["image"], inputs["mask"], p, ctx.device, inputs["resize_mask"]),
