@@ -181,6 +181,10 @@ class Engine:
         """img2img that keeps the picture's depth (a depth model): depth_map= a picture, else estimated."""
         return self.run("depth2img", params, image=image, **kw)
 
+    def upscale(self, image: Image.Image, params: GenerationParams | None = None, **kw: Any) -> list[Image.Image]:
+        """The SD x4 upscaler: a picture 4x the size (noise_level=, upscale_tile= for large pictures)."""
+        return self.run("upscale", params, image=image, **kw)
+
     def outpaint(self, image: Image.Image, params: GenerationParams | None = None, **kw: Any) -> list[Image.Image]:
         """Extend the canvas (left=, right=, top=, bottom= pixels; fill= edges or noise) and inpaint the new area."""
         return self.run("outpaint", params, image=image, **kw)
@@ -255,7 +259,9 @@ def load(
     if vae is not None:
         addons.set_vae(vae)
     engine = Engine(loaded, dev, torch_dtype, quantize_timesteps, addons)
-    engine.set_vae_tiling(vae_tiling)
+    # The x4 upscaler's VAE attends over all latent cells at once (quadratic in the picture): it always
+    # decodes in tiles; one tile covering the latent is the untiled decode.
+    engine.set_vae_tiling(vae_tiling or (Tiling(128, 32) if loaded.config.inputs == "lowres" else False))
     if compile:
         loaded.model.unet.compile()  # in place: parameter names (and so saving and hashing) stay as they are
     return engine

@@ -143,6 +143,11 @@ class GenerationParams:
     hires_prompt: str = _f("", "prompt of the second pass (default: --prompt)", Api("hr_prompt"))
     hires_negative_prompt: str = _f("", "negative prompt of the second pass (default: --negative-prompt)",
                                     Api("hr_negative_prompt"))
+    # the SD x4 upscaler
+    noise_level: int = _f(20, "noise added to the low-resolution picture, 0..350 (more: more invented detail)",
+                          Api("noise_level", own=True))
+    upscale_tile: int = _f(0, "upscale in overlapping tiles of this many input pixels (0: whole), bounding memory",
+                           Api("upscale_tile", own=True), flags=("--tile",))
     # img2img
     denoising_strength: float = _f(0.75, "0 keeps the picture, 1 repaints it entirely", Api("denoising_strength"),
                                    flags=("--strength", "--denoising-strength"))
@@ -218,6 +223,11 @@ class GenerationParams:
         loras = tuple((str(path), float(weight)) for path, weight in self.loras)
         if not -1 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be -1 (random) or between 0 and {MAX_SEED}, got {self.seed}")
+        if not isinstance(self.noise_level, int) or not 0 <= self.noise_level <= 350:
+            raise ValueError(f"noise level must be a whole number from 0 to 350 (the upscaler's max_noise_level), "
+                             f"got {self.noise_level}")
+        if not isinstance(self.upscale_tile, int) or not (self.upscale_tile == 0 or 16 <= self.upscale_tile <= 4096):
+            raise ValueError(f"tile must be 0 (no tiling) or from 16 to 4096 pixels, got {self.upscale_tile}")
         variation = self._validated_variation()
         hires = self._validated_hires()
         spec, named_schedule = find_sampler(self.sampler)

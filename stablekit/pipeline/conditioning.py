@@ -14,7 +14,7 @@ from typing import Callable, Mapping
 import torch
 
 from ..addons.embeddings import Embedding
-from ..diffusion.denoiser import CFGDenoiser, ModelDenoiser
+from ..diffusion.denoiser import CFGDenoiser, ModelDenoiser, UNetFn
 from ..diffusion.schedule import ModelSchedule
 from ..masks import latent_mask
 from ..models import StableDiffusionModel
@@ -42,9 +42,11 @@ class TaskContext:
     # The depth estimator for a depth model: from a folder (its path) or, with None, the checkpoint's own.
     depth_estimator: Callable[[str | None], DepthEstimator] | None = None
 
-    def denoiser(self) -> ModelDenoiser:
+    def denoiser(self, unet: UNetFn | None = None) -> ModelDenoiser:
+        """The model's denoiser; `unet` replaces the network call (a wrapper of it: tiling, ControlNet)."""
         cfg = self.model.cfg
-        return ModelDenoiser(self.model.unet, self.schedule, cfg.prediction, self.dtype, self.quantize_timesteps)
+        return ModelDenoiser(unet or self.model.unet, self.schedule, cfg.prediction, self.dtype,
+                             self.quantize_timesteps)
 
     def latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
         vae = self.model.vae.cfg
@@ -105,17 +107,19 @@ def extra_inputs(ctx: TaskContext, given: Pictures, batch: int) -> torch.Tensor 
     return EXTRA_INPUTS[kind](ctx, given).expand(batch, -1, -1, -1)
 
 
-def guided_denoiser(ctx: TaskContext, p: GenerationParams, concat: torch.Tensor | None = None) -> CFGDenoiser:
-    """The prompt-guided denoiser: prompt and negative prompt as CondSchedules sharing the extra channels.
+def guided_denoiser(ctx: TaskContext, p: GenerationParams, concat: torch.Tensor | None = None,
+                    vector: torch.Tensor | None = None, unet: UNetFn | None = None) -> CFGDenoiser:
+    """The prompt-guided denoiser: prompt and negative prompt as CondSchedules sharing the extra channels
+    and vector input; `unet` wraps the network call where a task needs it (tiling).
 
     Only the prompt's extra-network tags are cut out (the web UI leaves the negative prompt as it is).
     Prompt-editing schedules count denoiser calls: twice the steps for second-order samplers, as there.
     """
     settings = TextSettings(p.clip_skip, p.emphasis, ctx.embeddings)
     calls = p.steps * (2 if p.sampler_spec.second_order else 1)
-    cond, used = encode_prompt(ctx, prompt_text(p.prompt), p.batch_size, calls, settings, concat)
-    uncond, used_negative = encode_prompt(ctx, p.negative_prompt, p.batch_size, calls, settings, concat)
+    cond, used = encode_prompt(ctx, prompt_text(p.prompt), p.batch_size, calls, settings, concat, vector)
+    uncond, used_negative = encode_prompt(ctx, p.negative_prompt, p.batch_size, calls, settings, concat, vector)
     used.update(used_negative)
     if used:
         ctx.notes["TI hashes"] = ", ".join(f"{name}: {emb.hash}" for name, emb in used.items())
-    return CFGDenoiser(ctx.denoiser(), cond, uncond, p.cfg_scale, rescale=p.guidance_rescale)
+    return CFGDenoiser(ctx.denoiser(unet), cond, uncond, p.cfg_scale, rescale=p.guidance_rescale)

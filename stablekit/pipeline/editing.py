@@ -38,6 +38,7 @@ class Canvas:
     whole: torch.Tensor | None = None
     box: tuple[int, int, int, int] | None = None
     depth: torch.Tensor | None = None  # depth2img: the depth map [1, 1, h, w] (larger = nearer)
+    latent_crop: tuple[int, int] | None = None  # upscale: (rows, columns) of the latent the result keeps
 
 
 def finish(model: StableDiffusionModel, canvas: Canvas, latents: torch.Tensor | None, batch: int) -> torch.Tensor:

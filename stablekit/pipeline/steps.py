@@ -65,12 +65,16 @@ class SamplingPlan:
 def plan_sampling(
     schedule: ModelSchedule, p: GenerationParams, latent_shape: tuple[int, int, int], device: torch.device,
     noise: torch.Tensor | None = None, strength: float = 1.0, fixed_steps: bool = False, downscale: int = 8,
+    generators: list[torch.Generator] | None = None,
 ) -> SamplingPlan:
     """Per-image generators and noise (explicit `noise` replaces the seeded draw, which still happens so
     later random draws match), the schedule and its cut for `strength`: the last int(steps * strength)
-    steps of `steps`, or with `fixed_steps` all `steps` on the tail of a longer schedule."""
+    steps of `steps`, or with `fixed_steps` all `steps` on the tail of a longer schedule.
+
+    `generators`: the images' generators where the task drew from them first (default: fresh ones).
+    """
     seeds = p.image_seeds
-    generators = generators_for(seeds)
+    generators = generators or generators_for(seeds)
     seeded = first_noise(p, generators, latent_shape, downscale)
     if noise is not None:
         if tuple(noise.shape) != (p.batch_size, *latent_shape):

@@ -23,6 +23,7 @@ from .editing import Canvas, finish, fitted_canvas, inpaint_canvas, outpaint_can
 from .hires import hires_infotext, hires_pass
 from .inpainting import inpaint_latents
 from .steps import denoise, encode_picture, plan_sampling
+from .upscale import upscale_canvas, upscale_latents, upscale_size
 
 Inputs = Mapping[str, Any]
 
@@ -195,6 +196,9 @@ IMG2IMG_FIELDS = ("denoising_strength", "resize_mode")
 MASK_FIELDS = ("mask_blur", "masked_content", "inpaint_method", "mask_strength", "paste_back", "soft_inpainting")
 INPAINT_FIELDS = IMG2IMG_FIELDS + MASK_FIELDS + ("invert_mask", "inpaint_area", "inpaint_padding")
 
+UPSCALE_FIELDS = tuple(f for f in COMMON_FIELDS if f not in ("width", "height", "seed_resize_from")) + (
+    "noise_level", "upscale_tile")
+
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("txt2img", "generate pictures from a prompt", COMMON_FIELDS + HIRES_FIELDS, _no_canvas, _txt2img_sample,
          infotext=lambda p, cfg: hires_infotext(p)),
@@ -206,6 +210,11 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          _depth2img_prepare, img2img_latents, inputs=(IMAGE, DEPTH_MAP, DEPTH_MODEL), model_kinds=("depth",),
          defaults={"denoising_strength": 0.8}, size_of=_picture_size,
          infotext=lambda p, cfg: {"Denoising strength": p.denoising_strength}),
+    Task("upscale", "a 4x larger picture by the SD x4 upscaler", UPSCALE_FIELDS,
+         lambda ctx, p, inputs: upscale_canvas(inputs["image"], ctx.device), upscale_latents, inputs=(IMAGE,),
+         model_kinds=("lowres",), defaults={"steps": 75, "cfg_scale": 9.0, "sampler": "DDIM"},
+         size_of=lambda inputs: upscale_size(inputs["image"]),
+         infotext=lambda p, cfg: {"Noise level": p.noise_level, "Tile": p.upscale_tile or None}),
     Task("inpaint", "repaint the white (or transparent) part of a mask", COMMON_FIELDS + INPAINT_FIELDS,
          lambda ctx, p, inputs: inpaint_canvas(inputs["image"], inputs["mask"], p, ctx.device, inputs["resize_mask"]),
          _inpaint_sample, inputs=(IMAGE, MASK, RESIZE_MASK), model_kinds=("none", "inpaint"),

@@ -107,12 +107,14 @@ def prompt_text(prompt: str) -> str:
 
 
 def encode_prompt(ctx: TaskContext, prompt: str, batch: int, steps: int, settings: TextSettings,
-                  concat: torch.Tensor | None = None) -> tuple[CondSchedule, dict[str, Embedding]]:
+                  concat: torch.Tensor | None = None, vector: torch.Tensor | None = None,
+                  ) -> tuple[CondSchedule, dict[str, Embedding]]:
     """A prompt (without tags) -> its CondSchedule for a batch of `batch` (steps: the schedule's
-    length in denoiser calls) and the embeddings it used (for the infotext's TI hashes)."""
+    length in denoiser calls) and the embeddings it used (for the infotext's TI hashes). `concat`
+    and `vector` (the model kind's extra channels and vector input) go into every entry."""
     schedule = prompt_schedules([prompt], steps)[0]  # [(last step, text)]
     found = EmbeddingFinder(settings.embeddings, ctx.tokenizer.encode)
     z = encode_texts(ctx, [text for _, text in schedule], settings, found)
-    entries = tuple((last, Cond(z[i : i + 1].expand(batch, -1, -1), concat=concat))
+    entries = tuple((last, Cond(z[i : i + 1].expand(batch, -1, -1), vector, concat))
                     for i, (last, _) in enumerate(schedule))
     return CondSchedule(entries), found.used
