@@ -36,6 +36,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-dir", type=Path, default=None, help="where <lora:NAME:WEIGHT> tags of the prompt are found")
     p.add_argument("--embeddings-dir", type=Path, default=None,
                    help="textual-inversion embeddings; each file's name is its trigger word")
+    p.add_argument("--upscaler-model", default=None,
+                   help="an SD x4 upscaler checkpoint, for --hires-upscaler x4")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,7 +155,8 @@ def _generate(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     engine = load(args.model, dtype=args.dtype, device=args.device, prediction=args.prediction,
                   zero_terminal_snr=args.zero_terminal_snr, vae_tiling=args.vae_tiling, compile=args.compile,
-                  vae=args.vae, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
+                  vae=args.vae, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
+                  upscaler=args.upscaler_model)
     for note in engine.loaded.notes:
         print(f"stablekit: {note}", file=sys.stderr)
     print(f"stablekit: loaded {engine.config.name} in {time.perf_counter() - t0:.1f}s "

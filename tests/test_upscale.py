@@ -137,7 +137,7 @@ def test_http_upscale_job(tiny_upscaler, pair, tmp_path):
             time.sleep(0.05)
         assert job["status"] == "done", job
         picture = Image.open(io.BytesIO(client.get(job["images"][0]).content))
-    want = engine.upscale(make_picture(16, 16), prompt="a cat", steps=2, seed=4, noise_level=40, sampler="Euler")[0]
+    want = engine.upscale(make_picture(16, 16), prompt="a cat", steps=2, seed=4, noise_level=40)[0]  # DDIM, CFG 9
     assert picture.size == (64, 64) and np.array_equal(np.asarray(picture), np.asarray(want))
 
 
@@ -148,3 +148,42 @@ def test_to_tensor_of_the_padded_picture_keeps_the_original(pair):
     canvas = upscale_canvas(image, torch.device("cpu"))
     assert canvas.picture.shape == (1, 3, 16, 16)
     assert torch.equal(canvas.picture[..., :9, :13], to_tensor(image))
+
+
+@pytest.fixture(scope="module")
+def base_with_upscaler(tiny_models, tiny_upscaler):
+    return stablekit.load(tiny_models["sd1"].single_file, upscaler=tiny_upscaler.single_file)
+
+
+def test_hires_fix_with_the_x4_upscaler(base_with_upscaler):
+    engine = base_with_upscaler
+    image = engine.txt2img(prompt=PROMPT, width=32, height=24, steps=2, seed=3, hires_scale=2, hires_steps=1,
+                           hires_upscaler="x4")[0]
+    assert image.size == (64, 48) and "Hires upscaler: SD x4" in image.info["parameters"]
+    with pytest.raises(ValueError, match="must be an SD x4 upscaler; this is a base model"):
+        engine.set_upscaler(engine)
+
+
+def test_extras_single_image_upscalers(tiny_upscaler, tiny_models, base_with_upscaler, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from stablekit.server.app import create_app
+    from stablekit.server.config import ServerConfig
+
+    buf = io.BytesIO()
+    make_picture(16, 12).save(buf, format="PNG")
+    picture = base64.b64encode(buf.getvalue()).decode()
+    config = ServerConfig(model=str(tiny_models["sd1"].single_file), outputs=tmp_path,
+                          upscaler_model=str(tiny_upscaler.single_file))
+    with TestClient(create_app(config, loader=lambda spec: base_with_upscaler)) as client:
+        x4 = client.post("/sdapi/v1/extra-single-image", json={"image": picture, "upscaler_1": "SD x4",
+                                                                 "upscaling_resize": 4})
+        lanczos = client.post("/sdapi/v1/extra-single-image", json={"image": picture, "upscaler_1": "Lanczos",
+                                                                      "upscaling_resize": 2})
+        unknown = client.post("/sdapi/v1/extra-single-image", json={"image": picture, "upscaler_1": "ESRGAN_4x"})
+        names = [u["name"] for u in client.get("/sdapi/v1/upscalers").json()]
+    assert x4.status_code == 200, x4.text
+    assert Image.open(io.BytesIO(base64.b64decode(x4.json()["image"]))).size == (64, 48)
+    assert Image.open(io.BytesIO(base64.b64decode(lanczos.json()["image"]))).size == (32, 24)
+    assert unknown.status_code == 400 and "ESRGAN_4x" in unknown.json()["errors"]
+    assert "SD x4" in names

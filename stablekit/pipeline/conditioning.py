@@ -37,8 +37,9 @@ class TaskContext:
     quantize_timesteps: bool = False
     embeddings: Mapping[str, Embedding] = field(default_factory=dict)  # textual inversion, by trigger word
     notes: dict[str, object] = field(default_factory=dict)  # infotext fields a job adds (a per-job copy)
-    # An SD x4 upscaler for the "x4" hires upscaler: pictures [B, 3, h, w] in [0, 1] -> [B, 3, 4h, 4w].
-    upscaler: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # An SD x4 upscaler for the "x4" hires upscaler: (pictures [B, 3, h, w] in [0, 1], prompt, seed)
+    # -> [B, 3, 4h, 4w].
+    upscaler: Callable[[torch.Tensor, str, int], torch.Tensor] | None = None
     # The depth estimator for a depth model: from a folder (its path) or, with None, the checkpoint's own.
     depth_estimator: Callable[[str | None], DepthEstimator] | None = None
 

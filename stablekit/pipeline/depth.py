@@ -366,18 +366,22 @@ def depth_map_from_picture(image: Image.Image | str | Path) -> torch.Tensor:
     return torch.from_numpy(arr)[None, None]
 
 
-def save_depth_png(depth: torch.Tensor, path: str | Path) -> Path:
-    """[1,h,w] or [h,w] -> a 16-bit grayscale PNG (PIL mode I;16), min-max normalised to 0..65535."""
+def depth_picture(depth: torch.Tensor) -> Image.Image:
+    """[1,h,w] or [h,w] -> a 16-bit grayscale picture (PIL mode I;16), min-max normalised to 0..65535."""
     d = depth.detach().float().cpu()
     if d.ndim == 3 and d.shape[0] == 1:
         d = d[0]
     if d.ndim != 2:
-        raise ValueError(f"save_depth_png takes one depth map [1,h,w] or [h,w], got {tuple(depth.shape)}")
+        raise ValueError(f"a depth picture is made of one depth map [1,h,w] or [h,w], got {tuple(depth.shape)}")
     lo, hi = d.min(), d.max()
     n = (d - lo) / (hi - lo) if hi > lo else torch.zeros_like(d)
-    image = Image.fromarray((n * 65535).round().numpy().astype(np.uint16))  # uint16 -> mode I;16
+    return Image.fromarray((n * 65535).round().numpy().astype(np.uint16))  # uint16 -> mode I;16
+
+
+def save_depth_png(depth: torch.Tensor, path: str | Path) -> Path:
+    """depth_picture(depth) written as a 16-bit PNG."""
     path = Path(path)
-    image.save(path, format="PNG")
+    depth_picture(depth).save(path, format="PNG")
     return path
 
 

@@ -82,17 +82,19 @@ def enlarge(ctx: TaskContext, p: GenerationParams, latents: torch.Tensor, target
         big = F.interpolate(latents, size=size, mode=mode, antialias=antialias)
     else:
         pictures = decode(ctx.model, latents)
-        big = encode_picture(ctx.model, _enlarge_pictures(ctx, pictures, name, size[1] * 8, size[0] * 8))
+        big = encode_picture(ctx.model, _enlarge_pictures(ctx, p, pictures, size[1] * 8, size[0] * 8))
     cy, cx = target.crop_y, target.crop_x
     return big[:, :, cy // 2:big.shape[2] - (cy + 1) // 2, cx // 2:big.shape[3] - (cx + 1) // 2]
 
 
-def _enlarge_pictures(ctx: TaskContext, pictures: torch.Tensor, name: str, width: int, height: int) -> torch.Tensor:
+def _enlarge_pictures(ctx: TaskContext, p: GenerationParams, pictures: torch.Tensor, width: int, height: int,
+                      ) -> torch.Tensor:
     """Decoded pictures [B, 3, h, w] in [0, 1] -> [B, 3, height, width], through 8-bit pictures as the web UI."""
-    if name == "x4":
+    name = p.hires_upscaler
+    if name == "x4":  # the SD x4 upscaler, prompted with the second pass's prompt
         if ctx.upscaler is None:
             raise ValueError("the x4 hires upscaler needs an SD x4 upscaler model (--upscaler-model)")
-        pictures = ctx.upscaler(pictures)
+        pictures = ctx.upscaler(pictures, p.hires_prompt or p.prompt, p.seed)
         name = "none"  # then Lanczos to the exact size
     if name not in PIXEL_FILTERS:
         raise ValueError(f"unknown hires upscaler '{name}'; choose from {', '.join(HIRES_UPSCALERS)}")

@@ -110,6 +110,47 @@ class Img2ImgRequest(ProcessingFields):
     soft_inpainting: bool | None = None  # the greyscale mask as per-pixel denoising strength
 
 
+class Depth2ImgRequest(Img2ImgRequest):
+    """Job API task depth2img (stablekit's own): img2img on an SD 2 depth model."""
+
+    depth_map: str | None = None  # base64 depth picture (8/16-bit grey, larger = nearer); null: estimated
+
+
+class UpscaleRequest(Img2ImgRequest):
+    """Job API task upscale (stablekit's own): the SD x4 upscaler on init_images[0]."""
+
+    steps: int | None = 75  # the upscaler's usual settings (diffusers' StableDiffusionUpscalePipeline)
+    cfg_scale: float | None = 9.0
+    sampler_name: str | None = "DDIM"
+    noise_level: int | None = 20  # 0..350: noise added to the low-resolution picture
+    upscale_tile: int | None = 0  # tiles of this many input pixels (0: whole)
+
+
+class DepthRequest(_Request):
+    """POST /api/v1/depth: a picture's estimated depth map."""
+
+    image: str  # base64 picture (a data-URL prefix is allowed)
+
+
+class ExtrasSingleImageRequest(_Request):
+    """POST /sdapi/v1/extra-single-image (the web UI's ExtrasSingleImageRequest, upscaling only)."""
+
+    image: str = ""
+    resize_mode: int | None = 0  # 0: by upscaling_resize; 1: to upscaling_resize_w x upscaling_resize_h
+    show_extras_results: bool | None = True
+    gfpgan_visibility: float | None = 0
+    codeformer_visibility: float | None = 0
+    codeformer_weight: float | None = 0
+    upscaling_resize: float | None = 2
+    upscaling_resize_w: int | None = 512
+    upscaling_resize_h: int | None = 512
+    upscaling_crop: bool | None = True
+    upscaler_1: str | None = "None"
+    upscaler_2: str | None = "None"
+    extras_upscaler_2_visibility: float | None = 0
+    upscale_first: bool | None = False
+
+
 class GenerationResponse(BaseModel):
     """TextToImageResponse / ImageToImageResponse."""
 

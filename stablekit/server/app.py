@@ -17,6 +17,7 @@ from .config import ServerConfig
 from .errors import install_error_handlers
 from .routes_jobs import jobs_router
 from .routes_sdapi import sdapi_router
+from .routes_tools import tools_router
 from .security import BodyLimit, auth_dependency
 from .ui import mount_ui
 from .worker import EngineLoader, LocalBackend
@@ -28,7 +29,8 @@ def default_loader(config: ServerConfig) -> EngineLoader:
 
         return load_engine(spec, dtype=config.dtype, device=config.device, prediction=config.prediction,
                            vae_tiling=config.vae_tiling, vae=config.vae, lora_dir=config.lora_dir,
-                           embeddings_dir=config.embeddings_dir, vae_dir=config.vae_dir)
+                           embeddings_dir=config.embeddings_dir, vae_dir=config.vae_dir,
+                           upscaler=config.upscaler_model)
     return load
 
 
@@ -50,6 +52,7 @@ def create_app(config: ServerConfig, loader: EngineLoader | None = None) -> Fast
     auth = auth_dependency(config)
     app.include_router(sdapi_router(backend, auth))
     app.include_router(jobs_router(backend, auth))
+    app.include_router(tools_router(backend, auth))
     mount_ui(app)  # the browser UI at /, on top of the two APIs above
     app.add_middleware(BodyLimit, limit=config.limits.max_upload_bytes)
     if config.cors_origins:  # off unless asked for: browsers on other sites cannot call the API

@@ -38,6 +38,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     s.add_argument("--vae", type=Path, help="a VAE file (original layout) or diffusers folder replacing the model's")
     s.add_argument("--vae-dir", type=Path, help="VAE files clients may switch to by name (sd_vae; GET /sdapi/v1/sd-vae)")
     s.add_argument("--lora-dir", type=Path, help="LoRA files for <lora:NAME:WEIGHT> prompt tags (GET /sdapi/v1/loras)")
+    s.add_argument("--upscaler-model", default=None,
+                   help='an SD x4 upscaler checkpoint: the "SD x4" hires upscaler and extras upscaler')
     s.add_argument("--embeddings-dir", type=Path, help="textual-inversion embeddings (GET /sdapi/v1/embeddings)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return s
@@ -67,7 +69,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         allow_url_images=args.allow_url_images, dtype=args.dtype,
         device=None if args.device == "auto" else args.device, prediction=args.prediction,
         vae_tiling=args.vae_tiling, vae=args.vae, vae_dir=args.vae_dir, lora_dir=args.lora_dir,
-        embeddings_dir=args.embeddings_dir,
+        embeddings_dir=args.embeddings_dir, upscaler_model=args.upscaler_model,
     )
 
 

@@ -36,7 +36,7 @@ from ..images import parse_infotext
 from ..params import MAX_SEED, Api, GenerationParams, settings
 from ..pipeline.hires import hires_target
 from ..pipeline.tasks import TASKS, Task
-from .api_models import Img2ImgRequest, ProcessingFields, Txt2ImgRequest
+from .api_models import Depth2ImgRequest, Img2ImgRequest, ProcessingFields, Txt2ImgRequest, UpscaleRequest
 from .config import Limits
 from .errors import ApiError
 from .uploads import decode_picture
@@ -64,7 +64,8 @@ class Work:
 # The tasks reachable over HTTP and the web UI's request shape for each (inpainting is img2img with a
 # mask there; the job API also takes it by its own name).
 REQUESTS: dict[str, type[ProcessingFields]] = {"txt2img": Txt2ImgRequest, "img2img": Img2ImgRequest,
-                                               "inpaint": Img2ImgRequest}
+                                               "inpaint": Img2ImgRequest, "depth2img": Depth2ImgRequest,
+                                               "upscale": UpscaleRequest}
 
 
 def parse_request(task: str, body: dict[str, Any]) -> ProcessingFields:
@@ -217,6 +218,10 @@ def to_work(task: str, req: ProcessingFields, limits: Limits, allow_urls: bool, 
         inputs["image"] = decode_picture(req.init_images[0], limits, allow_urls, "init_images[0]")
         if task == "inpaint" and not req.mask:
             raise ApiError(400, "inpaint needs a mask")
+        if req.mask and task in ("depth2img", "upscale"):
+            raise ApiError(400, f"{task} takes no mask")
+        if isinstance(req, Depth2ImgRequest) and req.depth_map:
+            inputs["depth_map"] = decode_picture(req.depth_map, limits, allow_urls, "depth_map", mode=None)
         if req.mask:
             task = "inpaint"
             inputs["mask"] = binary_mask(decode_picture(req.mask, limits, allow_urls, "mask", mode=None))
@@ -227,6 +232,10 @@ def to_work(task: str, req: ProcessingFields, limits: Limits, allow_urls: bool, 
     except TypeError as e:
         raise ApiError(400, str(e)) from None
     n_iter = _v(req, "n_iter")
+    t = TASKS[task]
+    if "width" not in t.fields and t.size_of is not None:  # the inputs give the size (upscale: 4x the picture)
+        width, height = t.size_of(inputs)
+        params = replace(params, width=width, height=height)
     _limits(params, n_iter, limits)
     if params.seed + params.batch_size * n_iter - 1 > MAX_SEED:
         raise ApiError(400, f"seed {params.seed} + {params.batch_size * n_iter} pictures goes past {MAX_SEED}")

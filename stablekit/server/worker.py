@@ -11,7 +11,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 from PIL import Image
@@ -82,6 +82,9 @@ class Options:
     clip_skip: int = 1
     vae: str = "Automatic"  # sd_vae: a file of --vae-dir, or the checkpoint's own
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+T = TypeVar("T")
 
 
 class LocalBackend:
@@ -165,6 +168,11 @@ class LocalBackend:
     def engine(self) -> Engine:
         assert self._engine is not None
         return self._engine
+
+    def run_exclusive(self, fn: Callable[[Engine], T]) -> T:
+        """fn(engine) while no job runs: short work on the loaded model outside the queue (depth maps)."""
+        with self._engine_lock:
+            return fn(self.engine)
 
     # --- jobs -----------------------------------------------------------------------------------
     def submit(self, kind: str, task: str, body: dict[str, Any], persist: bool = True) -> tuple[JobRecord, Future[JobResult]]:
