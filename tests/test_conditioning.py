@@ -142,12 +142,19 @@ def test_model_kind_is_read_off_the_input_channels(tiny_models, tmp_path, capsys
     path, sd = _with_input_channels(tiny_models["sd1"], tmp_path, channels)
     cfg = detect(sd)
     assert (cfg.inputs, cfg.variant, cfg.kind.channels) == (kind, variant, channels - 4)
-    with pytest.raises(CheckpointError, match=f"{variant}.*no task here runs it"):
-        stablekit.load(path)
     assert main(["txt2img", "--model", str(path), "--prompt", "x", "--steps", "1", "--out", str(tmp_path)]) == 2
-    assert "no task here runs it" in capsys.readouterr().err
+    assert f"txt2img needs a base model; this is {cfg.kind.what}" in capsys.readouterr().err
     assert main(["info", str(path)]) == 0  # what it is can still be shown
     assert variant in capsys.readouterr().out
+
+
+def test_a_kind_no_task_runs_is_refused_at_load(tiny_models, tmp_path, monkeypatch):
+    from stablekit.pipeline import tasks
+
+    path, _ = _with_input_channels(tiny_models["sd1"], tmp_path, 5)
+    monkeypatch.setattr(tasks, "TASKS", {k: t for k, t in tasks.TASKS.items() if k != "depth2img"})
+    with pytest.raises(CheckpointError, match="depth.*no task here runs it"):
+        stablekit.load(path)
 
 
 def test_unknown_input_channel_count_is_named(tiny_models, tmp_path):

@@ -9,7 +9,8 @@ const $ = (id) => document.getElementById(id);
 const FORM_KEY = "stablekit.form";
 const FIELDS = ["prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "seed", "width", "height",
   "batch_size", "n_iter", "denoising_strength", "resize_mode", "mask_blur", "inpainting_fill", "inpaint_area",
-  "inpaint_full_res_padding", "inpainting_method", "model"];
+  "inpaint_full_res_padding", "inpainting_method", "model", "hr_scale", "hr_upscaler", "hr_second_pass_steps",
+  "hr_denoise", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "noise_level", "upscale_tile"];
 
 const state = { mode: "txt2img", job: null, interrupted: false, lists: { samplers: [], schedulers: [], models: [] } };
 const editor = new MaskEditor($("picture"), $("mask"));
@@ -53,6 +54,9 @@ function setMode(mode) {
   for (const tab of document.querySelectorAll("[data-mode]")) tab.setAttribute("aria-selected", String(tab.dataset.mode === mode));
   $("picture-panel").hidden = mode === "txt2img";
   $("mask-tools").hidden = $("outpaint-tools").hidden = $("inpaint-options").hidden = mode !== "inpaint";
+  $("depth-options").hidden = mode !== "depth2img";
+  $("upscale-options").hidden = mode !== "upscale";
+  $("hires-options").hidden = mode !== "txt2img";
   $("mask").hidden = mode !== "inpaint";
   editor.enabled = mode === "inpaint";
   document.body.dataset.mode = mode;
@@ -101,8 +105,25 @@ function buildRequest() {
     width: number("width"), height: number("height"), batch_size: number("batch_size"), n_iter: number("n_iter"),
   };
   if ($("model").value) body.override_settings = { sd_model_checkpoint: $("model").value };
-  if (state.mode === "txt2img") return { task: "txt2img", ...body };
+  Object.assign(body, {
+    subseed: number("subseed"), subseed_strength: number("subseed_strength", { integer: false }),
+    seed_resize_from_w: number("seed_resize_from_w"), seed_resize_from_h: number("seed_resize_from_h"),
+  });
+  if (state.mode === "txt2img") {
+    if ($("enable_hr").checked) {
+      Object.assign(body, {
+        enable_hr: true, hr_scale: number("hr_scale", { integer: false }), hr_upscaler: $("hr_upscaler").value,
+        hr_second_pass_steps: number("hr_second_pass_steps"), denoising_strength: number("hr_denoise", { integer: false }),
+      });
+    }
+    return { task: "txt2img", ...body };
+  }
   if (!editor.hasPicture) throw new Error("Choose, drop or paste a picture first.");
+  if (state.mode === "upscale") {
+    for (const size of ["width", "height"]) delete body[size]; // 4x the picture
+    return { task: "upscale", ...body, init_images: [editor.pictureDataURL()], noise_level: number("noise_level"),
+      upscale_tile: number("upscale_tile") };
+  }
   Object.assign(body, {
     init_images: [editor.pictureDataURL()], denoising_strength: number("denoising_strength", { integer: false }),
     resize_mode: Number($("resize_mode").value),
@@ -115,8 +136,25 @@ function buildRequest() {
       inpainting_method: $("inpainting_method").value,
     });
   }
-  return { task: "img2img", ...body };
+  return { task: state.mode === "depth2img" ? "depth2img" : "img2img", ...body };
 }
+
+// --- depth ---------------------------------------------------------------------------------------
+async function showDepth() {
+  clearError();
+  if (!editor.hasPicture) {
+    showError("Choose, drop or paste a picture first.");
+    return;
+  }
+  try {
+    const { image } = await post("api/v1/depth", { image: editor.pictureDataURL() });
+    $("depth-map").src = `data:image/png;base64,${image}`;
+    $("depth-map").hidden = false;
+  } catch (e) {
+    showError(e instanceof ApiError ? `The server refused: ${e.message}` : e.message);
+  }
+}
+$("show-depth").addEventListener("click", showDepth);
 
 // --- running ------------------------------------------------------------------------------------
 async function generate() {
@@ -362,6 +400,8 @@ async function loadLists() {
   ]);
   state.lists = { samplers, schedulers, models };
   $("sampler_name").replaceChildren(...samplers.map((s) => new Option(s.name, s.name)));
+  const [latentModes, upscalers] = await Promise.all([get("sdapi/v1/latent-upscale-modes"), get("sdapi/v1/upscalers")]);
+  $("hr_upscaler").replaceChildren(...[...latentModes, ...upscalers].map((u) => new Option(u.name, u.name)));
   $("scheduler").replaceChildren(...schedulers.map((s) => new Option(s.label, s.name)));
   $("model").replaceChildren(...models.map((m) => new Option(m.model_name, m.title)));
   $("model").value = options.sd_model_checkpoint;
