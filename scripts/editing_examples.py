@@ -1,5 +1,6 @@
-"""Before/after picture pairs for img2img, both inpainting methods and outpainting, made with the
-tiny random-weight test models (so the "after" shows where things changed, not a meaningful picture).
+"""Before/after picture pairs for img2img, both inpainting methods, outpainting, depth2img (with its
+depth map) and the x4 upscaler, made with the tiny random-weight test models (so the "after" shows
+where things changed, not a meaningful picture), and hires fix and variation seeds with the demo model.
 
     python scripts/editing_examples.py docs/examples
 """
@@ -15,7 +16,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.conftest import ldm_state_dict, ldm_yaml, tiny_config  # noqa: E402
+from tests.conftest import ldm_state_dict, ldm_yaml, low_scale_buffers, tiny_config, tiny_upscaler_config  # noqa: E402
+from tests.test_depth2img import make_depth_model  # noqa: E402
 from tests.test_img2img import make_picture  # noqa: E402
 from tests.test_inpaint import make_mask  # noqa: E402
 
@@ -37,11 +39,24 @@ def side_by_side(before: Image.Image, after: Image.Image) -> Image.Image:
     return out.resize((out.width * 3, out.height * 3), Image.NEAREST)
 
 
+def tiny_upscaler(folder: Path) -> Path:
+    cfg = tiny_upscaler_config()
+    path = folder / "tiny-x4-upscaler.safetensors"
+    save_file({**ldm_state_dict(cfg, seed=200), **low_scale_buffers(cfg.lowres)}, str(path))
+    return path
+
+
 def main(out_dir: Path) -> None:
+    from stablekit.demo import demo_model
+    from stablekit.pipeline.depth import depth_picture
+
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         base = stablekit.load(tiny_model("sd1", Path(tmp)))
         inpaint_model = stablekit.load(tiny_model("sd1-inpaint", Path(tmp)))
+        depth_model = stablekit.load(make_depth_model(Path(tmp))[0])
+        upscaler = stablekit.load(tiny_upscaler(Path(tmp)))
+    demo = stablekit.load(demo_model())
     picture, mask = make_picture(), make_mask()
     common = dict(prompt="a yellow star", width=96, height=64, steps=12, seed=1, sampler="Euler a")
     pairs = {
@@ -51,6 +66,18 @@ def main(out_dir: Path) -> None:
         "outpaint": (make_picture(64, 64), base.outpaint(make_picture(64, 64), right=32, prompt="a yellow star",
                                                          steps=12, seed=1, sampler="Euler a")[0]),
     }
+    square = make_picture(64, 48)
+    depth = depth_picture(depth_model.estimate_depth(square)[0]).convert("L").resize(square.size)
+    shapes = dict(prompt="a red circle and a blue square", steps=20, seed=3, sampler="Euler a")
+    first = demo.txt2img(**shapes)[0]
+    pairs.update({
+        "depth2img-depth-map": (square, depth.convert("RGB")),
+        "depth2img": (square, depth_model.depth2img(square, prompt="a yellow star", steps=12, seed=1)[0]),
+        "upscale-x4": (make_picture(24, 16), upscaler.upscale(make_picture(24, 16), prompt="sharp", steps=12, seed=1)[0]),
+        "hires-fix-demo": (first.resize((128, 128), Image.NEAREST),
+                           demo.txt2img(**shapes, hires_scale=2, hires_steps=10, hires_denoise=0.5)[0]),
+        "variation-seed-demo": (first, demo.txt2img(**shapes, subseed=9, subseed_strength=0.3)[0]),
+    })
     for name, (before, after) in pairs.items():
         path = out_dir / f"{name}.png"
         side_by_side(before, after).save(path)

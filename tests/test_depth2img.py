@@ -36,9 +36,12 @@ def depth_config():
 
 @pytest.fixture(scope="module")
 def depth_files(tmp_path_factory):
+    return make_depth_model(tmp_path_factory.mktemp("tiny_depth"))
+
+
+def make_depth_model(root):
     """The single file (UNet, VAE, text encoder and the DPT's depth_model.* weights, as 512-depth-ema
     carries them), its diffusers folder, and the DPT as transformers builds it."""
-    root = tmp_path_factory.mktemp("tiny_depth")
     cfg = depth_config()
     sd = ldm_state_dict(cfg, seed=300)
     conf = ldm_yaml(cfg)
@@ -218,3 +221,33 @@ def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_the_diffusers_depth_folder_loads_with_its_estimator(pair, tmp_path):
+    """A StableDiffusionDepth2ImgPipeline folder (as stabilityai/stable-diffusion-2-depth): the same model
+    and the same depth as the single file."""
+    engine, pipe = pair
+    pipe.save_pretrained(tmp_path / "depth-diffusers")
+    folder = stablekit.load(tmp_path / "depth-diffusers")
+    assert folder.config.inputs == "depth"
+    image = make_picture(W, H, seed=4)
+    assert (folder.estimate_depth(image) - engine.estimate_depth(image)).abs().max() < 1e-4  # LayerNorm eps
+    params = stablekit.GenerationParams(prompt=PROMPT, steps=3, seed=2, denoising_strength=0.6)
+    ours, _ = folder.run_tensor("depth2img", params, image=image, depth_map=a_depth_map())
+    single, _ = engine.run_tensor("depth2img", params, image=image, depth_map=a_depth_map())
+    assert (ours - single).abs().max() < 1e-4
+
+
+def test_a_map_of_another_size_is_resized_with_a_note(pair):
+    engine, _ = pair
+    image = engine.depth2img(make_picture(W, H), depth_map=a_depth_map(), prompt=PROMPT, steps=2, seed=1)[0]
+    assert "Depth map: 56x40 resized" in image.info["parameters"]
+
+
+def test_depth_and_upscaler_models_refuse_each_others_tasks(pair, tiny_upscaler):
+    engine, _ = pair
+    with pytest.raises(ValueError, match="upscale needs an upscaler.*this is a depth model"):
+        engine.upscale(make_picture(16, 16), steps=2)
+    upscaler = stablekit.load(tiny_upscaler.single_file)
+    with pytest.raises(ValueError, match="depth2img needs a depth model.*this is an upscaler"):
+        upscaler.depth2img(make_picture(16, 16), steps=2)

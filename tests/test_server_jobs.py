@@ -145,7 +145,7 @@ def test_unknown_or_malformed_job_ids_are_404(app_client, job_id):
 
 def test_bad_job_requests_are_4xx(app_client):
     _, client = app_client
-    assert client.post("/api/v1/jobs", json={"task": "upscale"}).status_code == 400
+    assert client.post("/api/v1/jobs", json={"task": "sharpen"}).status_code == 400
     assert client.post("/api/v1/jobs", json={**JOB, "steps": 0}).status_code == 400
     assert client.post("/api/v1/jobs", json={"task": "img2img", **JOB}).status_code == 404  # no init image
     assert client.post("/api/v1/jobs", content=b"[]", headers={"Content-Type": "application/json"}).status_code == 422

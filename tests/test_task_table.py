@@ -112,8 +112,8 @@ def test_a_new_task_is_one_table_entry(tiny_models, tmp_path, monkeypatch, capsy
 
 def test_unknown_task_inputs_and_names_are_clear_errors(tiny_models):
     engine = stablekit.load(tiny_models["sd1"].single_file)
-    with pytest.raises(ValueError, match="unknown task 'upscale'"):
-        engine.run("upscale")
+    with pytest.raises(ValueError, match="unknown task 'sharpen'"):
+        engine.run("sharpen")
     with pytest.raises(ValueError, match="txt2img takes no image"):
         engine.run("txt2img", image=make_picture())
     with pytest.raises(ValueError, match="img2img needs image"):

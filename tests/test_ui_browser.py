@@ -415,3 +415,23 @@ def test_extra_networks_panel_puts_tags_into_the_prompt(browser, tmp_path):
         assert not errors, f"JavaScript errors in the page: {errors}"
     finally:
         srv.stop()
+
+
+def test_hires_fix_and_variation_seed_panels(page, server):
+    small_run(page, steps=4, seed=11)
+    page.click("#hires-options > summary")
+    page.check("#enable_hr")
+    upscalers = page.eval_on_selector_all("#hr_upscaler option", "os => os.map(o => o.value)")
+    assert upscalers[:2] == ["Latent", "Latent (antialiased)"] and "Lanczos" in upscalers  # the server's lists
+    page.select_option("#hr_upscaler", "Lanczos")
+    page.fill("#hr_second_pass_steps", "2")
+    page.click("#variation-options > summary")
+    page.fill("#subseed", "5")
+    page.fill("#subseed_strength", "0.25")
+    generate(page)
+    assert page.eval_on_selector("#result img", "img => img.complete && img.naturalWidth") == 128
+    info = page.inner_text("#infotext")
+    assert "Hires upscale: 2" in info and "Hires upscaler: Lanczos" in info and "Variation seed: 5" in info
+    shot(page, "txt2img-hires.png")
+    page.click("#tab-depth2img")  # the demo model is a base model: the page shows the server's refusal
+    assert page.is_visible("#show-depth") and page.is_hidden("#hires-options")
