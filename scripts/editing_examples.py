@@ -11,6 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import yaml
 from PIL import Image
 from safetensors.torch import save_file
@@ -47,15 +48,19 @@ def tiny_upscaler(folder: Path) -> Path:
 
 
 def main(out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:  # kept while the depth model's estimator is read from its file
+        examples(out_dir, Path(tmp))
+
+
+def examples(out_dir: Path, tmp: Path) -> None:
     from stablekit.demo import demo_model
     from stablekit.pipeline.depth import depth_picture
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        base = stablekit.load(tiny_model("sd1", Path(tmp)))
-        inpaint_model = stablekit.load(tiny_model("sd1-inpaint", Path(tmp)))
-        depth_model = stablekit.load(make_depth_model(Path(tmp))[0])
-        upscaler = stablekit.load(tiny_upscaler(Path(tmp)))
+    base = stablekit.load(tiny_model("sd1", tmp))
+    inpaint_model = stablekit.load(tiny_model("sd1-inpaint", tmp))
+    depth_model = stablekit.load(make_depth_model(tmp)[0])
+    upscaler = stablekit.load(tiny_upscaler(tmp))
     demo = stablekit.load(demo_model())
     picture, mask = make_picture(), make_mask()
     common = dict(prompt="a yellow star", width=96, height=64, steps=12, seed=1, sampler="Euler a")
@@ -67,7 +72,8 @@ def main(out_dir: Path) -> None:
                                                          steps=12, seed=1, sampler="Euler a")[0]),
     }
     square = make_picture(64, 48)
-    depth = depth_picture(depth_model.estimate_depth(square)[0]).convert("L").resize(square.size)
+    depth16 = np.asarray(depth_picture(depth_model.estimate_depth(square)[0]), dtype=np.float64)
+    depth = Image.fromarray((depth16 / 257).astype(np.uint8)).resize(square.size, Image.BICUBIC)  # 8-bit view
     shapes = dict(prompt="a red circle and a blue square", steps=20, seed=3, sampler="Euler a")
     first = demo.txt2img(**shapes)[0]
     pairs.update({
