@@ -80,6 +80,30 @@ def size_arg(text: str) -> tuple[int, int]:
     return int(w), int(h)
 
 
+def _sampler_and_schedule(sampler: str, scheduler: str) -> tuple[SamplerSpec, str]:
+    """A sampler name (which may carry a schedule: "DPM++ 2M Karras") and a schedule name -> the sampler
+    and the schedule, checked against the schedules the sampler walks."""
+    spec, named_schedule = find_sampler(sampler)
+    schedule = resolve_schedule(scheduler)
+    if named_schedule and schedule == "automatic":
+        schedule = named_schedule
+    concrete = spec.default_schedule if schedule == "automatic" else schedule
+    if spec.schedules is not None and concrete not in spec.schedules:
+        raise ValueError(f"sampler '{spec.name}' walks only the schedules {', '.join(spec.schedules)}; got '{schedule}'")
+    return spec, schedule
+
+
+def _size(value: Any, what: str) -> tuple[int, int] | None:
+    """A size field's value: None, "WxH", or two whole numbers."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return size_arg(value)
+    if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(isinstance(v, int) for v in value):
+        raise ValueError(f"{what} must be WxH (two whole numbers), got {value!r}")
+    return tuple(value)
+
+
 def find_upscaler(name: str) -> str:
     """Our name or the web UI's label (any case) -> our name."""
     for ours, label in HIRES_UPSCALERS.items():
@@ -230,14 +254,7 @@ class GenerationParams:
             raise ValueError(f"tile must be 0 (no tiling) or from 16 to 4096 pixels, got {self.upscale_tile}")
         variation = self._validated_variation()
         hires = self._validated_hires()
-        spec, named_schedule = find_sampler(self.sampler)
-        schedule = resolve_schedule(self.scheduler)
-        if named_schedule and schedule == "automatic":
-            schedule = named_schedule
-        concrete = spec.default_schedule if schedule == "automatic" else schedule
-        if spec.schedules is not None and concrete not in spec.schedules:
-            raise ValueError(f"sampler '{spec.name}' walks only the schedules {', '.join(spec.schedules)}; "
-                             f"got '{schedule}'")
+        spec, schedule = _sampler_and_schedule(self.sampler, self.scheduler)
         if self.eta is not None and "eta" not in spec.options:
             raise ValueError(f"sampler '{spec.name}' takes no eta")
         seed = random.randrange(MAX_SEED - self.batch_size) if self.seed == -1 else self.seed
@@ -250,10 +267,9 @@ class GenerationParams:
             raise ValueError(f"subseed must be -1 (random) or between 0 and {MAX_SEED}, got {self.subseed}")
         if not 0 <= self.subseed_strength <= 1:
             raise ValueError(f"subseed strength must be between 0 and 1, got {self.subseed_strength}")
-        resize = self.seed_resize_from
+        resize = _size(self.seed_resize_from, "seed resize from")
         if resize is not None:
-            resize = tuple(int(v) for v in resize)
-            if len(resize) != 2 or min(resize) < 8 or max(resize) > 8192:
+            if min(resize) < 8 or max(resize) > 8192:
                 raise ValueError(f"seed resize from must be WxH with sides from 8 to 8192, got {self.seed_resize_from}")
         subseed = random.randrange(MAX_SEED - self.batch_size) if self.subseed == -1 else self.subseed
         if subseed + self.batch_size - 1 > MAX_SEED:
@@ -263,18 +279,19 @@ class GenerationParams:
     def _validated_hires(self) -> dict[str, Any]:
         if self.hires_scale is not None and not 1 <= self.hires_scale <= 8:
             raise ValueError(f"hires scale must be between 1 and 8, got {self.hires_scale}")
-        resize = self.hires_resize
+        resize = _size(self.hires_resize, "hires resize")
         if resize is not None:
-            resize = tuple(int(v) for v in resize)
-            if len(resize) != 2 or min(resize) < 0 or max(resize) > 8192 or max(resize) == 0:
+            if min(resize) < 0 or max(resize) > 8192 or max(resize) == 0:
                 raise ValueError(f"hires resize must be WxH up to 8192 with at least one side set, got {resize}")
         if not isinstance(self.hires_steps, int) or not 0 <= self.hires_steps <= 1000:
             raise ValueError(f"hires steps must be a whole number from 0 to 1000, got {self.hires_steps}")
         if not 0 <= self.hires_denoise <= 1:
             raise ValueError(f"hires denoising strength must be between 0 and 1, got {self.hires_denoise}")
-        sampler = find_sampler(self.hires_sampler)[0].name if self.hires_sampler else None
-        scheduler = resolve_schedule(self.hires_scheduler) if self.hires_scheduler else None
-        return {"hires_resize": resize, "hires_upscaler": find_upscaler(self.hires_upscaler),
+        sampler, scheduler = self.hires_sampler, self.hires_scheduler
+        if sampler or scheduler:  # as the first pass's: a name's own schedule ("Euler Karras") counts
+            spec, schedule = _sampler_and_schedule(sampler or self.sampler, scheduler or self.scheduler)
+            sampler, scheduler = spec.name if sampler else None, schedule
+        return {"hires_resize": resize, "hires_upscaler": find_upscaler(self.hires_upscaler or "latent"),
                 "hires_sampler": sampler, "hires_scheduler": scheduler}
 
     @property

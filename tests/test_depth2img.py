@@ -154,6 +154,8 @@ def test_bad_inputs_are_clear_errors(pair, tiny_models, tmp_path):
     not_a_picture.write_text("hello")
     with pytest.raises(ValueError, match="not a readable depth-map picture"):
         engine.depth2img(make_picture(W, H), depth_map=not_a_picture, width=W, height=H, steps=2)
+    with pytest.raises(ValueError, match="a depth map or a depth model, not both"):
+        engine.depth2img(make_picture(W, H), depth_map=a_depth_map(), depth_model=tmp_path, steps=2)
     base = stablekit.load(tiny_models["sd1"].single_file)
     with pytest.raises(ValueError, match="depth2img needs a depth model.*this is a base model"):
         base.run("depth2img", image=make_picture(W, H), steps=2)

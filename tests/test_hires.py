@@ -172,3 +172,54 @@ def test_http_enable_hr_and_the_upscaler_lists(tiny_models, pair, tmp_path):
     want = engine.txt2img(prompt=PROMPT, steps=3, width=64, height=48, seed=8, sampler="Euler", hires_scale=2,
                           hires_upscaler="latent-antialiased", hires_steps=2, hires_denoise=0.6)[0]
     assert np.array_equal(np.asarray(picture), np.asarray(want))
+
+
+def test_a_hires_sampler_name_keeps_its_schedule_and_a_tiny_target_is_refused():
+    p = GenerationParams(hires_scale=2, hires_sampler="Euler Karras").validated()
+    assert (p.hires_sampler, p.hires_scheduler) == ("Euler", "karras")
+    with pytest.raises(ValueError, match="unknown schedule"):
+        GenerationParams(hires_scale=2, hires_scheduler="wobbly").validated()
+    from stablekit.pipeline.hires import hires_target
+
+    with pytest.raises(ValueError, match="under 8 pixels a side"):
+        hires_target(GenerationParams(width=64, height=32, hires_resize=(8, 0)).validated())
+
+
+def test_the_hires_pass_continues_the_prompt_editing_timeline(pair):
+    """The web UI's hires conditioning: step numbers count on from the first pass, so [cat:dog:10] with
+    20 + 20 steps is "dog" for the whole second pass (and 10 steps of each in the first)."""
+    from stablekit.pipeline.text import TextSettings, encode_prompt
+
+    engine, _ = pair
+    ctx, settings = engine.context, TextSettings()
+    first, _ = encode_prompt(ctx, "a [cat:dog:10]", 1, 20, settings)
+    second, _ = encode_prompt(ctx, "a [cat:dog:10]", 1, 20, settings, after=20)
+    dog, _ = encode_prompt(ctx, "a dog", 1, 20, settings)
+    assert len(first.entries) == 2 and len(second.entries) == 1
+    assert torch.equal(second.entries[0][1].crossattn, dog.entries[0][1].crossattn)
+
+
+def test_hires_prompt_loras_must_be_the_prompts(pair):
+    engine, _ = pair
+    with pytest.raises(ValueError, match="hires prompt's <lora:...> tags"):
+        engine.txt2img(prompt=PROMPT, width=W, height=H, steps=2, hires_scale=2, hires_prompt="x <lora:detail:1>")
+
+
+def test_http_hires_limits_cover_every_size_it_works_at(tiny_models, pair, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from stablekit.server.app import create_app
+    from stablekit.server.config import Limits, ServerConfig
+
+    engine, _ = pair
+    config = ServerConfig(model=str(tiny_models["sd1"].single_file), outputs=tmp_path,
+                          limits=Limits(max_pixels=128 * 128, max_steps=30))
+    base = {"prompt": "p", "steps": 2, "width": 16, "height": 128, "enable_hr": True}
+    with TestClient(create_app(config, loader=lambda spec: engine)) as client:
+        box = client.post("/sdapi/v1/txt2img", json={**base, "hr_resize_x": 128, "hr_resize_y": 128})
+        steps = client.post("/sdapi/v1/txt2img", json={**base, "hr_scale": 1, "hr_second_pass_steps": 31})
+        subseed = client.post("/sdapi/v1/txt2img", json={"prompt": "p", "steps": 2, "width": 16, "height": 16,
+                                                          "subseed": 2**32 - 2, "subseed_strength": 0.5, "n_iter": 3})
+    assert box.status_code == 400 and "128x1024 is over" in box.json()["errors"]  # covered before cropping
+    assert steps.status_code == 400 and "hr_second_pass_steps 31" in steps.json()["errors"]
+    assert subseed.status_code == 400 and "subseed" in subseed.json()["errors"]

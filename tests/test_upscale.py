@@ -181,9 +181,16 @@ def test_extras_single_image_upscalers(tiny_upscaler, tiny_models, base_with_ups
         lanczos = client.post("/sdapi/v1/extra-single-image", json={"image": picture, "upscaler_1": "Lanczos",
                                                                       "upscaling_resize": 2})
         unknown = client.post("/sdapi/v1/extra-single-image", json={"image": picture, "upscaler_1": "ESRGAN_4x"})
+        covered = client.post("/sdapi/v1/extra-single-image", json={"image": picture, "upscaler_1": "Lanczos",
+                                                                      "resize_mode": 1, "upscaling_resize_w": 24,
+                                                                      "upscaling_resize_h": 24})
+        no_size = client.post("/sdapi/v1/extra-single-image", json={"image": picture, "resize_mode": 1,
+                                                                      "upscaling_resize_w": None})
         names = [u["name"] for u in client.get("/sdapi/v1/upscalers").json()]
     assert x4.status_code == 200, x4.text
     assert Image.open(io.BytesIO(base64.b64decode(x4.json()["image"]))).size == (64, 48)
     assert Image.open(io.BytesIO(base64.b64decode(lanczos.json()["image"]))).size == (32, 24)
     assert unknown.status_code == 400 and "ESRGAN_4x" in unknown.json()["errors"]
+    assert Image.open(io.BytesIO(base64.b64decode(covered.json()["image"]))).size == (24, 24)  # covered, cropped
+    assert no_size.status_code == 400 and "upscaling_resize_w" in no_size.json()["errors"]
     assert "SD x4" in names

@@ -108,18 +108,26 @@ def extra_inputs(ctx: TaskContext, given: Pictures, batch: int) -> torch.Tensor 
     return EXTRA_INPUTS[kind](ctx, given).expand(batch, -1, -1, -1)
 
 
+def denoiser_calls(p: GenerationParams) -> int:
+    """Denoiser evaluations of a run: twice the steps for second-order samplers, as the web UI counts."""
+    return p.steps * (2 if p.sampler_spec.second_order else 1)
+
+
 def guided_denoiser(ctx: TaskContext, p: GenerationParams, concat: torch.Tensor | None = None,
-                    vector: torch.Tensor | None = None, unet: UNetFn | None = None) -> CFGDenoiser:
+                    vector: torch.Tensor | None = None, unet: UNetFn | None = None,
+                    after: int | None = None) -> CFGDenoiser:
     """The prompt-guided denoiser: prompt and negative prompt as CondSchedules sharing the extra channels
     and vector input; `unet` wraps the network call where a task needs it (tiling).
 
     Only the prompt's extra-network tags are cut out (the web UI leaves the negative prompt as it is).
-    Prompt-editing schedules count denoiser calls: twice the steps for second-order samplers, as there.
+    Prompt-editing schedules count denoiser calls (denoiser_calls); `after`: the calls of the pass this
+    one continues (the hires fix's first pass), as the web UI's hires conditioning does.
     """
     settings = TextSettings(p.clip_skip, p.emphasis, ctx.embeddings)
-    calls = p.steps * (2 if p.sampler_spec.second_order else 1)
-    cond, used = encode_prompt(ctx, prompt_text(p.prompt), p.batch_size, calls, settings, concat, vector)
-    uncond, used_negative = encode_prompt(ctx, p.negative_prompt, p.batch_size, calls, settings, concat, vector)
+    calls = denoiser_calls(p)
+    cond, used = encode_prompt(ctx, prompt_text(p.prompt), p.batch_size, calls, settings, concat, vector, after)
+    uncond, used_negative = encode_prompt(ctx, p.negative_prompt, p.batch_size, calls, settings, concat, vector,
+                                          after)
     used.update(used_negative)
     if used:
         ctx.notes["TI hashes"] = ", ".join(f"{name}: {emb.hash}" for name, emb in used.items())

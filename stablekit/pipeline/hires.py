@@ -19,7 +19,9 @@ from PIL import Image
 
 from ..diffusion.samplers import Callback
 from ..params import HIRES_UPSCALERS, GenerationParams
-from .conditioning import TaskContext, guided_denoiser
+from ..prompts import extract_networks
+from .conditioning import TaskContext, denoiser_calls, guided_denoiser
+from .text import prompt_text
 from .steps import decode, denoise, encode_picture, plan_sampling
 
 # The web UI's latent upscale modes: our name -> (interpolation mode, antialias).
@@ -48,7 +50,24 @@ class HiresTarget:
 
 
 def hires_target(p: GenerationParams) -> HiresTarget:
-    """The web UI's `calculate_target_resolution` for the first pass's p.width x p.height."""
+    """The web UI's `calculate_target_resolution` for the first pass's p.width x p.height; a target
+    under 8 pixels a side (a latent of nothing) is a clear error."""
+    target = _target(p)
+    if min(target.final_size) < 8:
+        raise ValueError(f"the hires target {target.width}x{target.height} of a {p.width}x{p.height} first pass "
+                         "is under 8 pixels a side")
+    return target
+
+
+def work_sizes(p: GenerationParams) -> list[tuple[int, int]]:
+    """Every picture size the hires fix works at: the box it enlarges to before cropping, the result,
+    and the x4 upscaler's 4x picture (for the server's pixel limit)."""
+    target = hires_target(p)
+    sizes = [(target.width, target.height), target.final_size]
+    return sizes + ([(4 * p.width, 4 * p.height)] if p.hires_upscaler == "x4" else [])
+
+
+def _target(p: GenerationParams) -> HiresTarget:
     w, h = p.width, p.height
     if p.hires_resize is None:
         return HiresTarget(int(w * p.hires_scale), int(h * p.hires_scale))
@@ -94,10 +113,8 @@ def _enlarge_pictures(ctx: TaskContext, p: GenerationParams, pictures: torch.Ten
     if name == "x4":  # the SD x4 upscaler, prompted with the second pass's prompt
         if ctx.upscaler is None:
             raise ValueError("the x4 hires upscaler needs an SD x4 upscaler model (--upscaler-model)")
-        pictures = ctx.upscaler(pictures, p.hires_prompt or p.prompt, p.seed)
+        pictures = ctx.upscaler(pictures, prompt_text(p.hires_prompt or p.prompt), p.seed)  # no LoRA tags
         name = "none"  # then Lanczos to the exact size
-    if name not in PIXEL_FILTERS:
-        raise ValueError(f"unknown hires upscaler '{name}'; choose from {', '.join(HIRES_UPSCALERS)}")
     out = []
     for picture in pictures:
         # The web UI truncates (astype uint8), it does not round.
@@ -118,11 +135,17 @@ def hires_pass(ctx: TaskContext, p: GenerationParams, latents: torch.Tensor, cal
     target = hires_target(p)
     start = enlarge(ctx, p, latents, target)
     p2 = second_pass_params(p, target)
+    if p.hires_prompt and _lora_tags(p.hires_prompt) != _lora_tags(p.prompt):
+        raise ValueError("the hires prompt's <lora:...> tags must be the prompt's: the prompt's LoRAs serve both passes")
     if p2.denoising_strength == 0:
         return start
     plan = plan_sampling(ctx.schedule, p2, ctx.latent_shape(p2.width, p2.height), ctx.device,
-                         strength=p2.denoising_strength, fixed_steps=True, downscale=ctx.model.vae.cfg.downscale)
-    return denoise(guided_denoiser(ctx, p2), plan, start=start, callback=callback)
+                         strength=p2.denoising_strength, fixed_steps=True)
+    return denoise(guided_denoiser(ctx, p2, after=denoiser_calls(p)), plan, start=start, callback=callback)
+
+
+def _lora_tags(prompt: str) -> list[tuple[str, ...]]:
+    return sorted(tag.items for tag in extract_networks(prompt)[1] if tag.kind == "lora")
 
 
 def hires_infotext(p: GenerationParams) -> dict[str, object]:

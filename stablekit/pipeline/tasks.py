@@ -164,6 +164,8 @@ def _outpaint_prepare(ctx: TaskContext, p: GenerationParams, inputs: Inputs) -> 
 def _depth2img_prepare(ctx: TaskContext, p: GenerationParams, inputs: Inputs) -> Canvas:
     """The fitted picture and its depth: the given map, or the estimator's prediction for the picture."""
     canvas = fitted_canvas(inputs["image"], p, ctx.device)
+    if inputs["depth_map"] is not None and inputs["depth_model"] is not None:
+        raise ValueError("give a depth map or a depth model, not both")
     if inputs["depth_map"] is not None:
         depth = depth_map_from_picture(inputs["depth_map"])
         if depth.shape[-2:] != canvas.picture.shape[-2:]:
@@ -196,8 +198,9 @@ IMG2IMG_FIELDS = ("denoising_strength", "resize_mode")
 MASK_FIELDS = ("mask_blur", "masked_content", "inpaint_method", "mask_strength", "paste_back", "soft_inpainting")
 INPAINT_FIELDS = IMG2IMG_FIELDS + MASK_FIELDS + ("invert_mask", "inpaint_area", "inpaint_padding")
 
-UPSCALE_FIELDS = tuple(f for f in COMMON_FIELDS if f not in ("width", "height", "seed_resize_from")) + (
-    "noise_level", "upscale_tile")
+# No variation seeds: the upscaler's seed draws its augmentation noise before the latent noise.
+UPSCALE_FIELDS = tuple(f for f in COMMON_FIELDS if f not in ("width", "height", "subseed", "subseed_strength",
+                                                             "seed_resize_from")) + ("noise_level", "upscale_tile")
 
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("txt2img", "generate pictures from a prompt", COMMON_FIELDS + HIRES_FIELDS, _no_canvas, _txt2img_sample,

@@ -108,11 +108,15 @@ def prompt_text(prompt: str) -> str:
 
 def encode_prompt(ctx: TaskContext, prompt: str, batch: int, steps: int, settings: TextSettings,
                   concat: torch.Tensor | None = None, vector: torch.Tensor | None = None,
-                  ) -> tuple[CondSchedule, dict[str, Embedding]]:
+                  after: int | None = None) -> tuple[CondSchedule, dict[str, Embedding]]:
     """A prompt (without tags) -> its CondSchedule for a batch of `batch` (steps: the schedule's
     length in denoiser calls) and the embeddings it used (for the infotext's TI hashes). `concat`
-    and `vector` (the model kind's extra channels and vector input) go into every entry."""
-    schedule = prompt_schedules([prompt], steps)[0]  # [(last step, text)]
+    and `vector` (the model kind's extra channels and vector input) go into every entry. `after`: the
+    calls of the pass this one continues (hires fix), where the prompt-editing timeline goes on."""
+    if after is None:
+        schedule = prompt_schedules([prompt], steps)[0]  # [(last step, text)]
+    else:
+        schedule = prompt_schedules([prompt], after, hires_steps=steps)[0]
     found = EmbeddingFinder(settings.embeddings, ctx.tokenizer.encode)
     z = encode_texts(ctx, [text for _, text in schedule], settings, found)
     entries = tuple((last, Cond(z[i : i + 1].expand(batch, -1, -1), vector, concat))

@@ -69,7 +69,7 @@ class ProcessingFields(_Request):
 
 
 class Txt2ImgRequest(ProcessingFields):
-    """POST /sdapi/v1/txt2img. Hires fix fields are accepted; enable_hr=true is refused (not implemented)."""
+    """POST /sdapi/v1/txt2img, with hires fix when enable_hr is true (hr_checkpoint_name is refused)."""
 
     enable_hr: bool | None = False
     firstphase_width: int | None = 0

@@ -47,7 +47,8 @@ def tools_router(backend: LocalBackend, auth: Any) -> APIRouter:
 
     @router.post("/sdapi/v1/extra-single-image")
     async def extra_single_image(req: ExtrasSingleImageRequest) -> dict[str, Any]:
-        """Upscale one picture by upscaling_resize (or to upscaling_resize_w x h) with upscaler_1."""
+        """Upscale one picture by upscaling_resize, or to cover upscaling_resize_w x h (cropped to it with
+        upscaling_crop, else stretched), with upscaler_1. Runs between jobs, on the engine's lock."""
         limits = backend.config.limits
         image = decode_picture(req.image, limits, backend.config.allow_url_images, "image")
         name = req.upscaler_1 or "None"
@@ -57,22 +58,35 @@ def tools_router(backend: LocalBackend, auth: Any) -> APIRouter:
         for other in ("gfpgan_visibility", "codeformer_visibility", "extras_upscaler_2_visibility"):
             if getattr(req, other):
                 raise ApiError(400, f"{other} is not supported by this server")
+        if req.resize_mode not in (0, 1):
+            raise ApiError(400, f"resize_mode must be 0 (by upscaling_resize) or 1 (to a size), got {req.resize_mode}")
         if req.resize_mode == 1:
-            size = (int(req.upscaling_resize_w), int(req.upscaling_resize_h))
+            w, h = req.upscaling_resize_w, req.upscaling_resize_h
+            if not (isinstance(w, int) and isinstance(h, int) and w >= 1 and h >= 1):
+                raise ApiError(400, f"upscaling_resize_w and upscaling_resize_h must be whole numbers >= 1, got {w}, {h}")
+            scale = max(w / image.width, h / image.height)  # the web UI: cover the box, then crop its middle
+            size, box = (w, h), (w, h) if req.upscaling_crop else None
         else:
             scale = float(req.upscaling_resize or 1)
-            if not 1 <= scale <= 8:
-                raise ApiError(400, f"upscaling_resize must be from 1 to 8, got {scale}")
-            size = (int(image.width * scale), int(image.height * scale))
-        if size[0] * size[1] > limits.max_pixels or min(size) < 1:
-            raise ApiError(400, f"{size[0]}x{size[1]} is over this server's limit of {limits.max_pixels} pixels")
+            size, box = (int(image.width * scale), int(image.height * scale)), None
+        if not 1 <= scale <= 8:
+            raise ApiError(400, f"the upscale factor must be from 1 to 8, got {scale:g}")
+        enlarged = (max(size[0], round(image.width * scale)), max(size[1], round(image.height * scale)))
+        work = [enlarged] + ([(4 * image.width, 4 * image.height)] if name == "SD x4" else [])
+        for w, h in work:
+            if w * h > limits.max_pixels:
+                raise ApiError(400, f"{w}x{h} is over this server's limit of {limits.max_pixels} pixels")
 
         def upscale(engine: Engine) -> Image.Image:
             big = image
             if name == "SD x4":
                 big = to_pil(engine.upscaler.upscale_pictures(to_tensor(image)))[0]
             resample = EXTRAS_UPSCALERS[name] or Image.Resampling.LANCZOS
-            return big if big.size == size else big.resize(size, resample)
+            big = big if big.size == enlarged else big.resize(enlarged, resample)
+            if box is None:
+                return big if big.size == size else big.resize(size, Image.Resampling.LANCZOS)
+            left, top = (big.width - box[0]) // 2, (big.height - box[1]) // 2
+            return big.crop((left, top, left + box[0], top + box[1]))
 
         out = await asyncio.to_thread(backend.run_exclusive, upscale)
         return {"html_info": "", "image": png_base64(out)}

@@ -34,8 +34,8 @@ from PIL import Image
 from ..diffusion.samplers import find_sampler
 from ..images import parse_infotext
 from ..params import MAX_SEED, Api, GenerationParams, settings
-from ..pipeline.hires import hires_target
-from ..pipeline.tasks import TASKS, Task
+from ..pipeline.hires import work_sizes
+from ..pipeline.tasks import HIRES_FIELDS, TASKS, Task
 from .api_models import Depth2ImgRequest, Img2ImgRequest, ProcessingFields, Txt2ImgRequest, UpscaleRequest
 from .config import Limits
 from .errors import ApiError
@@ -126,12 +126,13 @@ def _int_or_text(value: str) -> int | str:
 
 
 def _limits(p: GenerationParams, n_iter: int, limits: Limits) -> None:
-    sizes = [(p.width, p.height)] + ([hires_target(p).final_size] if p.hires else [])
+    sizes = [(p.width, p.height)] + (work_sizes(p) if p.hires else [])  # hires: every size it works at
     for w, h in sizes:
         if w * h > limits.max_pixels:
             raise ApiError(400, f"{w}x{h} is over this server's limit of {limits.max_pixels} pixels")
-    if p.steps > limits.max_steps:
-        raise ApiError(400, f"steps {p.steps} is over this server's limit of {limits.max_steps}")
+    for name, steps in (("steps", p.steps), ("hr_second_pass_steps", p.hires_steps if p.hires else 0)):
+        if steps > limits.max_steps:
+            raise ApiError(400, f"{name} {steps} is over this server's limit of {limits.max_steps}")
     if not 1 <= n_iter:
         raise ApiError(400, f"n_iter must be at least 1, got {n_iter}")
     if p.batch_size * n_iter > limits.max_batch:
@@ -187,8 +188,7 @@ HIRES_SAME = {"hires_sampler": "Use same sampler", "hires_scheduler": "Use same 
 def _hires_fields(req: Txt2ImgRequest, values: dict[str, Any]) -> dict[str, Any]:
     """enable_hr switches the hires fields on; hr_resize_x/y (either > 0) replace hr_scale; the legacy
     firstphase_width/height make width x height the target and themselves the first pass."""
-    off = {name: None for name in ("hires_scale", "hires_resize", "hires_upscaler", "hires_steps", "hires_denoise",
-                                   "hires_sampler", "hires_scheduler", "hires_prompt", "hires_negative_prompt")}
+    off = {name: None for name in HIRES_FIELDS}
     if not req.enable_hr:
         return off  # the hires fields are ignored, as in the web UI
     out: dict[str, Any] = {"hires_upscaler": req.hr_upscaler or "latent", "hires_resize": None}
@@ -218,9 +218,10 @@ def to_work(task: str, req: ProcessingFields, limits: Limits, allow_urls: bool, 
         inputs["image"] = decode_picture(req.init_images[0], limits, allow_urls, "init_images[0]")
         if task == "inpaint" and not req.mask:
             raise ApiError(400, "inpaint needs a mask")
-        if req.mask and task in ("depth2img", "upscale"):
+        takes = {i.name for i in TASKS[task].inputs}
+        if req.mask and task != "img2img" and "mask" not in takes:  # img2img with a mask is inpainting
             raise ApiError(400, f"{task} takes no mask")
-        if isinstance(req, Depth2ImgRequest) and req.depth_map:
+        if "depth_map" in takes and getattr(req, "depth_map", None):
             inputs["depth_map"] = decode_picture(req.depth_map, limits, allow_urls, "depth_map", mode=None)
         if req.mask:
             task = "inpaint"
@@ -233,12 +234,13 @@ def to_work(task: str, req: ProcessingFields, limits: Limits, allow_urls: bool, 
         raise ApiError(400, str(e)) from None
     n_iter = _v(req, "n_iter")
     t = TASKS[task]
-    if "width" not in t.fields and t.size_of is not None:  # the inputs give the size (upscale: 4x the picture)
-        width, height = t.size_of(inputs)
+    if "width" not in t.fields:  # the inputs give the size (upscale: 4x the picture), as the Engine finds it
+        width, height = t.working_size(params, inputs, params.width or 512)
         params = replace(params, width=width, height=height)
     _limits(params, n_iter, limits)
-    if params.seed + params.batch_size * n_iter - 1 > MAX_SEED:
-        raise ApiError(400, f"seed {params.seed} + {params.batch_size * n_iter} pictures goes past {MAX_SEED}")
+    for name, first in (("seed", params.seed), ("subseed", params.subseed)):
+        if first + params.batch_size * n_iter - 1 > MAX_SEED:
+            raise ApiError(400, f"{name} {first} + {params.batch_size * n_iter} pictures goes past {MAX_SEED}")
     overrides = req.override_settings or {}
     checkpoint, vae = overrides.get("sd_model_checkpoint"), overrides.get("sd_vae")
     for name, value in (("sd_model_checkpoint", checkpoint), ("sd_vae", vae)):
