@@ -21,6 +21,7 @@ from stablekit.images import to_tensor
 from .conftest import ldm_state_dict, randomize, tiny_config
 from .test_depth_estimator import midas_checkpoint, tiny_hf_config
 from .test_img2img import make_picture
+from .test_server_jobs import wait_for
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -184,7 +185,6 @@ def test_cli_depth2img_and_the_depth_command(depth_files, tmp_path, capsys):
 def test_http_depth2img_job_and_depth_route(depth_files, pair, tmp_path):
     import base64
     import io
-    import time
 
     from fastapi.testclient import TestClient
 
@@ -199,12 +199,7 @@ def test_http_depth2img_job_and_depth_route(depth_files, pair, tmp_path):
                                               "steps": 2, "seed": 3, "denoising_strength": 0.6, "width": W, "height": H,
                                               "depth_map": base64.b64encode(_png(a_depth_map())).decode()})
         assert r.status_code == 202, r.text
-        url = r.json()["links"]["self"]
-        for _ in range(200):
-            job = client.get(url).json()
-            if job["status"] in ("done", "failed", "cancelled"):
-                break
-            time.sleep(0.05)
+        job = wait_for(client, r.json()["id"])
         assert job["status"] == "done", job
         made = Image.open(io.BytesIO(client.get(job["images"][0]).content))
         depth = client.post("/api/v1/depth", json={"image": picture})

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from stablekit.images import to_tensor
 from stablekit.pipeline.upscale import tiled_unet
 
 from .test_img2img import make_picture
+from .test_server_jobs import wait_for
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -129,12 +129,7 @@ def test_http_upscale_job(tiny_upscaler, pair, tmp_path):
         r = client.post("/api/v1/jobs", json={"task": "upscale", "init_images": [base64.b64encode(buf.getvalue()).decode()],
                                               "prompt": "a cat", "steps": 2, "seed": 4, "noise_level": 40})
         assert r.status_code == 202, r.text
-        url = r.json()["links"]["self"]
-        for _ in range(400):
-            job = client.get(url).json()
-            if job["status"] in ("done", "failed", "cancelled"):
-                break
-            time.sleep(0.05)
+        job = wait_for(client, r.json()["id"])
         assert job["status"] == "done", job
         picture = Image.open(io.BytesIO(client.get(job["images"][0]).content))
     want = engine.upscale(make_picture(16, 16), prompt="a cat", steps=2, seed=4, noise_level=40)[0]  # DDIM, CFG 9
