@@ -141,6 +141,10 @@ def _generate(args: argparse.Namespace) -> int:
 
     task = TASKS[args.task]
     inputs = _inputs(args, task)
+    mask, image = inputs.get("mask"), inputs.get("image")
+    if mask is not None and image is not None and mask.size != image.size and not inputs.get("resize_mask"):
+        raise ValueError(f"the mask is {mask.width}x{mask.height} but the picture is {image.width}x{image.height}; "
+                         "give a mask of the same size, or pass --resize-mask")  # before the model loads
     params = _params(args, task)
     if task.size_of is not None:
         width, height = task.working_size(params, inputs, 0)
@@ -249,11 +253,12 @@ def _samplers(args: argparse.Namespace) -> int:
     from .diffusion.schedule import SCHEDULE_LABELS
 
     every = [k for k in SCHEDULE_LABELS if k != "automatic"]
-    print(f"{'sampler':14} {'aliases':40} {'automatic':12} {'options':16} schedules")
-    for spec in SAMPLERS:
-        options = ", ".join(spec.options) or "-"
-        schedules = "all" if spec.schedules is None else ", ".join(spec.schedules)
-        print(f"{spec.name:14} {', '.join(spec.aliases):40} {spec.default_schedule:12} {options:16} {schedules}")
+    rows = [(spec.name, ", ".join(spec.aliases), spec.default_schedule, ", ".join(spec.options) or "-",
+             "all" if spec.schedules is None else ", ".join(spec.schedules)) for spec in SAMPLERS]
+    header = ("sampler", "aliases", "automatic", "options", "schedules")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]  # columns as wide as their longest
+    for row in [header, *rows]:
+        print("  ".join(f"{cell:{w}}" for cell, w in zip(row, widths)) + "  " + row[4])
     print(f"\nschedules (--scheduler): automatic, {', '.join(every)}")
     print('names with a schedule in them also work, as in the web UI: "DPM++ 2M Karras"')
     return 0

@@ -18,7 +18,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-import torch
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as stablekit sets it, before torch loads OpenMP
+import torch  # noqa: E402
 import yaml
 from safetensors.torch import save_file
 

@@ -209,11 +209,18 @@ def _download(repo_id: str) -> Path:
         ) from None
 
 
+DEMO_NAME = "shapes-demo"  # the built-in demo model's name, wherever a model is asked for
+
+
 def resolve(spec: str | Path) -> Path:
     path = Path(spec).expanduser()
     if path.exists():
         return path
     text = str(spec)
+    if text == DEMO_NAME:
+        from ..demo import demo_model
+
+        return demo_model()
     # Hub ids: `owner/name` (a diffusers repo) or `owner/name/file.safetensors`. A path whose first
     # folder exists here, or that starts like a local path, is a local file that is missing.
     repo_like = text.count("/") == 1 and not text.endswith(SINGLE_FILE_SUFFIXES)

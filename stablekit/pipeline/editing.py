@@ -85,7 +85,7 @@ def _mask_tensor(image: Image.Image, mask: Image.Image, p: GenerationParams, res
     if mask.size != image.size:
         if not resize_mask:
             raise ValueError(f"the mask is {mask.width}x{mask.height} but the picture is {image.width}x{image.height}; "
-                             "give a mask of the same size or ask for it to be resized")
+                             "give a mask of the same size, or resize it (--resize-mask, resize_mask=True)")
         mask = mask.resize(image.size, Image.BILINEAR)
     return mask_from_picture(mask, p.invert_mask)
 
