@@ -106,7 +106,8 @@ def _txt2img_sample(ctx: TaskContext, p: GenerationParams, canvas: Canvas, noise
     """txt2img, then the hires fix's second pass where asked for; progress counts both passes' steps."""
     if not p.hires:
         return txt2img_latents(ctx, p, canvas, noise, callback)
-    first, total = p.steps, p.steps + (p.hires_steps or p.steps)
+    second = (p.hires_steps or p.steps) if p.hires_denoise else 0  # denoise 0: the enlarged first pass as it is
+    first, total = p.steps, p.steps + second
     latents = txt2img_latents(ctx, p, canvas, noise, _progress(callback, 0, total))
     return hires_pass(ctx, p, latents, _progress(callback, first, total))
 
