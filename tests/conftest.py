@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as stablekit sets it, before torch loads OpenMP
-import torch  # noqa: E402
+import torch
 import yaml
 from safetensors.torch import save_file
 

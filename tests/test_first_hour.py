@@ -1,11 +1,7 @@
 """The first-hour rough edges (issue: first hour of a new user): the demo model by name, mask sizes
-checked before loading, an aligned samplers table, and OpenMP threads that sleep while they wait."""
+checked before loading and an aligned samplers table."""
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
 
 import stablekit
 from stablekit.cli import main
@@ -40,13 +36,3 @@ def test_the_samplers_table_stays_aligned(capsys):
     for column in ("aliases", "automatic", "options", "schedules"):
         at = header.index(column)
         assert all(row[at - 1] == " " and row[at] != " " for row in rows), column  # every value starts there
-
-
-def test_openmp_threads_sleep_while_waiting_unless_the_user_says_otherwise():
-    code = "import stablekit, os; print(os.environ['OMP_WAIT_POLICY'])"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "PASSIVE"
-    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
-                         capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "ACTIVE"
