@@ -94,14 +94,15 @@ def second_pass_params(p: GenerationParams, target: HiresTarget) -> GenerationPa
 
 def enlarge(ctx: TaskContext, p: GenerationParams, latents: torch.Tensor, target: HiresTarget) -> torch.Tensor:
     """First-pass latents [B, 4, h, w] -> latents at the target size, cropped to the box."""
-    size = (target.height // 8, target.width // 8)
+    size = ctx.latent_shape(target.width, target.height)[1:]
     name = p.hires_upscaler
     if name in LATENT_MODES:
         mode, antialias = LATENT_MODES[name]
         big = F.interpolate(latents, size=size, mode=mode, antialias=antialias)
     else:
         pictures = decode(ctx.model, latents)
-        big = encode_picture(ctx.model, _enlarge_pictures(ctx, p, pictures, size[1] * 8, size[0] * 8))
+        f = ctx.model.vae.cfg.downscale
+        big = encode_picture(ctx.model, _enlarge_pictures(ctx, p, pictures, size[1] * f, size[0] * f))
     cy, cx = target.crop_y, target.crop_x
     return big[:, :, cy // 2:big.shape[2] - (cy + 1) // 2, cx // 2:big.shape[3] - (cx + 1) // 2]
 

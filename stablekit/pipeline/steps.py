@@ -64,7 +64,7 @@ class SamplingPlan:
 
 def plan_sampling(
     schedule: ModelSchedule, p: GenerationParams, latent_shape: tuple[int, int, int], device: torch.device,
-    noise: torch.Tensor | None = None, strength: float = 1.0, fixed_steps: bool = False, downscale: int = 8,
+    noise: torch.Tensor | None = None, strength: float = 1.0, fixed_steps: bool = False,
     generators: list[torch.Generator] | None = None,
 ) -> SamplingPlan:
     """Per-image generators and noise (explicit `noise` replaces the seeded draw, which still happens so
@@ -75,6 +75,7 @@ def plan_sampling(
     """
     seeds = p.image_seeds
     generators = generators or generators_for(seeds)
+    downscale = p.width // latent_shape[-1] if p.width else 8  # picture pixels per latent cell
     seeded = first_noise(p, generators, latent_shape, downscale)
     if noise is not None:
         if tuple(noise.shape) != (p.batch_size, *latent_shape):

@@ -83,7 +83,7 @@ def upscale_latents(ctx: TaskContext, p: GenerationParams, canvas: Canvas, noise
     small = noise_augment(lowres, picture * 2 - 1, aug_noise.to(picture.device), p.noise_level)
     level = torch.full((p.batch_size,), p.noise_level, dtype=torch.long, device=ctx.device)
     plan = plan_sampling(ctx.schedule, p, ctx.latent_shape(p.width, p.height), ctx.device, noise,
-                         generators=generators, downscale=ctx.model.vae.cfg.downscale)
+                         generators=generators)
     unet = tiled_unet(ctx.model.unet, p.upscale_tile, p.upscale_tile // 4) if p.upscale_tile else None
     latents = denoise(guided_denoiser(ctx, p, small, level, unet), plan, callback=callback)
     rows, cols = canvas.latent_crop or (h, w)
