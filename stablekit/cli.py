@@ -38,6 +38,42 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="textual-inversion embeddings; each file's name is its trigger word")
     p.add_argument("--upscaler-model", default=None,
                    help="an SD x4 upscaler checkpoint, for --hires-upscaler x4")
+    p.add_argument("--controlnet-dir", type=Path, default=None, help="where --control names are found")
+
+
+CONTROL_MODES = ("balanced", "prompt", "control")  # pipeline.control.CONTROL_MODES, without importing torch
+CONTROL_RESIZE = ("just-resize", "crop", "fill")
+
+
+def control_arg(text: str) -> tuple[str, str, float]:
+    """MODEL:IMAGE[:WEIGHT] -> (model, image, weight); the weight defaults to 1."""
+    rest, sep, weight = text.rpartition(":")
+    if sep and weight.replace(".", "", 1).isdigit():
+        text, value = rest, float(weight)
+    else:
+        value = 1.0
+    model, sep, image = text.rpartition(":")
+    if not sep or not model or not image:
+        raise ValueError(f"--control is MODEL:IMAGE[:WEIGHT] (a ControlNet file or name, its picture), got {text!r}")
+    return model, image, value
+
+
+def _add_control_args(t: argparse.ArgumentParser) -> None:
+    t.add_argument("--control", dest="controls", type=_argument_type(control_arg), action="append", default=[],
+                   metavar="MODEL:IMAGE[:WEIGHT]",
+                   help="a ControlNet (file, folder or name in --controlnet-dir) and its picture; repeat for several "
+                        "(their effects add up)")
+    t.add_argument("--control-module", default="none",
+                   help="preprocessor of the control pictures: none (the picture is the map), canny, depth_midas, "
+                        "lineart_standard, invert, scribble_xdog, blur_gaussian (see: stablekit preprocess --help)")
+    t.add_argument("--control-start", type=float, default=0.0, help="fraction of the steps before the ControlNets act")
+    t.add_argument("--control-end", type=float, default=1.0, help="fraction of the steps after which they stop")
+    t.add_argument("--control-mode", default="balanced", choices=CONTROL_MODES,
+                   help='prompt: "My prompt is more important"; control: "ControlNet is more important"')
+    t.add_argument("--control-resize", default="crop", choices=CONTROL_RESIZE,
+                   help="how control maps of another size are fitted (crop: cover and centre-crop)")
+    t.add_argument("--control-guess-mode", action="store_true",
+                   help="diffusers' guess mode: the negative prompt's half gets no control, log-spaced block scales")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--depth-model", default=None, help="a DPT folder (Intel/dpt-hybrid-midas layout)")
     d.add_argument("--out", default="outputs", help="output folder (files are never overwritten)")
     d.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+
+    pre = sub.add_parser("preprocess", help="write a ControlNet control map (canny edges, depth, ...) of a picture")
+    pre.add_argument("module", help="none, canny, depth_midas, lineart_standard, invert, scribble_xdog, blur_gaussian")
+    pre.add_argument("image", type=Path, help="the picture")
+    pre.add_argument("--res", type=int, default=-1, help="processor resolution (default: the module's, 512)")
+    pre.add_argument("--threshold-a", type=float, default=-1, help="first threshold (canny low: 100)")
+    pre.add_argument("--threshold-b", type=float, default=-1, help="second threshold (canny high: 200)")
+    pre.add_argument("--model", "-m", default=None, help="depth_midas: an SD 2 depth checkpoint carrying its estimator")
+    pre.add_argument("--depth-model", default=None, help="depth_midas: a DPT folder (Intel/dpt-hybrid-midas layout)")
+    pre.add_argument("--out", default="outputs", help="output folder (files are never overwritten)")
 
     i = sub.add_parser("info", help="show what a checkpoint is")
     i.add_argument("model", help="checkpoint file, diffusers folder or hub repo id")
@@ -101,6 +147,7 @@ def _add_task_args(t: argparse.ArgumentParser, task: Task) -> None:
             kind = _argument_type(s.parse) if s.parse else s.type or type(default)
             t.add_argument(*flags, dest=name, type=kind, default=default, choices=s.choices, metavar=s.metavar,
                            required=name == "prompt", help=help)
+    _add_control_args(t)
     t.add_argument("--out", default="outputs", help="output folder (files are never overwritten)")
     _add_model_args(t)
 
@@ -132,6 +179,19 @@ def _inputs(args: argparse.Namespace, task: Task) -> dict:
     return {i.name: readers.get(i.kind, lambda v: v)(getattr(args, i.name)) for i in task.inputs}
 
 
+def _control_units(args: argparse.Namespace) -> tuple:
+    """The --control flags as ControlUnits, pictures read and units checked before loading."""
+    if not args.controls:
+        return ()
+    from .images import load_picture
+    from .pipeline.control import ControlUnit
+
+    return tuple(ControlUnit(model, image=load_picture(Path(image)), weight=weight, start=args.control_start,
+                             end=args.control_end, mode=args.control_mode, resize=args.control_resize,
+                             module=args.control_module, guess_mode=args.control_guess_mode).validated()
+                 for model, image, weight in args.controls)
+
+
 def _generate(args: argparse.Namespace) -> int:
     """Read the inputs, check the params, load the model, run the task with a progress bar, save, print paths."""
     from tqdm import tqdm
@@ -146,6 +206,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError(f"the mask is {mask.width}x{mask.height} but the picture is {image.width}x{image.height}; "
                          "give a mask of the same size, or pass --resize-mask")  # before the model loads
     params = _params(args, task)
+    controls = _control_units(args)
     if task.size_of is not None:
         width, height = task.working_size(params, inputs, 0)
         if "image" in inputs and (width, height) != inputs["image"].size:
@@ -160,14 +221,14 @@ def _generate(args: argparse.Namespace) -> int:
     engine = load(args.model, dtype=args.dtype, device=args.device, prediction=args.prediction,
                   zero_terminal_snr=args.zero_terminal_snr, vae_tiling=args.vae_tiling, compile=args.compile,
                   vae=args.vae, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
-                  upscaler=args.upscaler_model)
+                  upscaler=args.upscaler_model, controlnet_dir=args.controlnet_dir)
     for note in engine.loaded.notes:
         print(f"stablekit: {note}", file=sys.stderr)
     print(f"stablekit: loaded {engine.config.name} in {time.perf_counter() - t0:.1f}s "
           f"({engine.device.type}, {args.dtype})", file=sys.stderr)
     with tqdm(unit="step", file=sys.stderr, desc="sampling") as bar:
         images = engine.run(task.name, params, callback=lambda i, n, x0: (setattr(bar, "total", n), bar.update(1)),
-                            **inputs)
+                            controls=controls, **inputs)
     for k, image in enumerate(images):
         print(save_png(image, Path(args.out), params.seed + k), flush=True)
     print(f"stablekit: done in {time.perf_counter() - t0:.1f}s; peak memory {peak_memory(engine.device)}", file=sys.stderr)
@@ -248,6 +309,42 @@ def _depth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preprocess(args: argparse.Namespace) -> int:
+    """The map a ControlNet unit would see, at the preprocessor's resolution, as a PNG."""
+    from PIL import Image
+
+    from .images import load_picture
+    from .pipeline.control import ControlUnit, detect_map
+
+    unit = ControlUnit("-", module=args.module, processor_res=args.res, threshold_a=args.threshold_a,
+                       threshold_b=args.threshold_b).validated()
+    image = load_picture(args.image)
+    depth = None
+    if args.module == "depth_midas":
+        depth = _depth_net(args)
+    detected, _ = detect_map(unit, image, image.width, image.height, depth)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path, n = out / f"{args.image.stem}-{args.module}.png", 1
+    while path.exists():
+        path, n = out / f"{args.image.stem}-{args.module}-{n}.png", n + 1
+    Image.fromarray(detected).save(path)
+    print(path, flush=True)
+    return 0
+
+
+def _depth_net(args: argparse.Namespace):
+    """The DPT network as depth_midas runs it: [1, 3, H, W] in [-1, 1] -> [1, 1, H, W]."""
+    from .checkpoint.sources import resolve
+    from .pipeline.depth import checkpoint_depth_estimator, load_depth_estimator
+
+    if args.depth_model is None and args.model is None:
+        raise ValueError("depth_midas needs --depth-model (a DPT folder) or --model (an SD 2 depth checkpoint)")
+    estimator = load_depth_estimator(args.depth_model) if args.depth_model is not None else \
+        checkpoint_depth_estimator(resolve(args.model))
+    return lambda x: estimator.net(x.to(estimator.device, estimator.dtype)).float()
+
+
 def _samplers(args: argparse.Namespace) -> int:
     from .diffusion.samplers import SAMPLERS
     from .diffusion.schedule import SCHEDULE_LABELS
@@ -281,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in TASKS:
             return _generate(args)
-        commands = {"info": _info, "samplers": _samplers, "serve": _serve, "train": _train, "depth": _depth}
+        commands = {"info": _info, "samplers": _samplers, "serve": _serve, "train": _train, "depth": _depth,
+                    "preprocess": _preprocess}
         return commands[args.command](args)
     except (CheckpointError, ValueError, OSError) as e:  # bad input, unreadable or unwritable files
         print(f"stablekit: error: {e}", file=sys.stderr)

@@ -75,10 +75,12 @@ def _present(sd: Mapping, *keys: str) -> bool:
     return all(k in sd for k in keys)
 
 
-def detect_unet(sd: Mapping, hints: Hints) -> UNetConfig:
-    p = UNET
+def detect_unet(sd: Mapping, hints: Hints, prefix: str = UNET) -> UNetConfig:
+    """The UNet's config from its keys under `prefix` (a ControlNet's copy of the encoder has no
+    output blocks: its out_channels are left at the latent's 4)."""
+    p = prefix
     mc, in_ch = _shape(sd, p + "input_blocks.0.0.weight")[:2]
-    out_ch = _shape(sd, p + "out.2.weight")[0]
+    out_ch = _shape(sd, p + "out.2.weight")[0] if p + "out.2.weight" in sd or prefix == UNET else 4
     n_in = _count(sd, re.escape(p) + r"input_blocks\.(\d+)\.")
     # Walk the input blocks: res blocks (with optional transformer) until a downsample ends the level.
     levels: list[list[int]] = [[]]

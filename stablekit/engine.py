@@ -6,6 +6,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -21,7 +22,9 @@ from .models.tokenizer import CLIPTokenizer
 from .models.vae_tiling import Tiling
 from .params import GenerationParams
 from .pipeline import tasks
+from .addons.controlnet_files import LoadedControlNet, controlnet_labels, find_controlnet, load_controlnet
 from .pipeline.conditioning import TaskContext
+from .pipeline.control import Control, ControlUnit, detect_map
 from .pipeline.depth import DepthEstimator, checkpoint_depth_estimator, load_depth_estimator
 from .pipeline.seeds import variation_infotext
 
@@ -80,6 +83,8 @@ class Engine:
         self.dtype = dtype
         self.addons = addons or Addons(loaded.model, checkpoint=loaded.path)
         self._depth_estimators: dict[str | None, DepthEstimator] = {}
+        self._controlnets: dict[Path, LoadedControlNet] = {}
+        self.controlnet_dir: Path | None = None  # where ControlNet names are found
         self.upscaler: Engine | None = None
         self.context = TaskContext(
             loaded.model, CLIPTokenizer(pad_id=cfg.text.pad_id), ModelSchedule(cfg.schedule), device, dtype,
@@ -119,6 +124,49 @@ class Engine:
         """A picture's relative inverse depth (larger = nearer) [1, 1, h, w] at the estimator's input size."""
         return self.depth_estimator(depth_model).predict(to_tensor(image.convert("RGB")).to(self.device))
 
+    def controlnet(self, model: str | Path) -> LoadedControlNet:
+        """A ControlNet by path or by name in `controlnet_dir`, checked against this model; loaded once."""
+        path = find_controlnet(str(model), self.controlnet_dir).resolve()
+        if path not in self._controlnets:
+            self._controlnets[path] = load_controlnet(path, self.config, self.loaded.model.unet, self.device,
+                                                      self.dtype)
+        return self._controlnets[path]
+
+    def controlnet_names(self) -> list[str]:
+        """The ControlNets of `controlnet_dir` as the extension lists them: "name [hash]"."""
+        return controlnet_labels(self.controlnet_dir)
+
+    def control_map(self, unit: ControlUnit, image: Image.Image, width: int, height: int,
+                    depth_model: str | Path | None = None) -> np.ndarray:
+        """A unit's preprocessed map of `image` (what `stablekit preprocess` writes) [H, W, 3] uint8."""
+        return self._detect(unit.validated(), image, width, height, depth_model)[0]
+
+    def _detect(self, unit: ControlUnit, image: Image.Image, width: int, height: int,
+                depth_model: str | Path | None = None) -> tuple[np.ndarray, dict[str, object]]:
+        def depth(x: torch.Tensor) -> torch.Tensor:  # [1, 3, H, W] in [-1, 1] -> [1, 1, H, W]
+            estimator = self.depth_estimator(depth_model)
+            return estimator.net(x.to(estimator.device, estimator.dtype)).float()
+        return detect_map(unit, image, width, height, depth)
+
+    def _controls(self, units: tuple[ControlUnit, ...], p: GenerationParams, inputs: dict[str, Any],
+                  ) -> tuple[Control, ...]:
+        """The job's units with their networks loaded and maps detected (a unit without a picture reads
+        the task's own)."""
+        if units and self.config.inputs == "lowres":
+            raise ValueError("ControlNet does not run on the x4 upscaler")
+        if units and "mask" in inputs and p.inpaint_area == "masked":
+            raise ValueError("ControlNet with --inpaint-area masked is not supported; use the whole picture")
+        controls = []
+        for unit in units:
+            unit = unit.validated()
+            image = unit.image if unit.image is not None else inputs.get("image")
+            if image is None:
+                raise ValueError(f"the ControlNet unit for '{unit.model}' has no picture, and this task has none")
+            net = self.controlnet(unit.model)
+            detected, settings = self._detect(unit, image, p.width, p.height)
+            controls.append(Control(unit, net, detected, settings))
+        return tuple(controls)
+
     def set_vae_tiling(self, tiling: bool | Tiling) -> None:
         """Decode and encode pictures tile by tile (True: the default tiles), or whole (False)."""
         self.loaded.model.vae.tiling = Tiling() if tiling is True else (tiling or None)
@@ -135,38 +183,43 @@ class Engine:
 
     def run_tensor(
         self, task: str, params: GenerationParams, *, noise: torch.Tensor | None = None,
-        callback: Callback | None = None, **inputs: Any,
+        callback: Callback | None = None, controls: tuple[ControlUnit, ...] = (), **inputs: Any,
     ) -> tuple[torch.Tensor, GenerationParams]:
         """Float pictures [B, 3, H, W] in [0, 1] and the validated params (with the concrete seed).
 
-        `inputs` are the task's own (image, mask, ...); `noise` [B, 4, H/8, W/8] replaces the seeded noise.
+        `inputs` are the task's own (image, mask, ...); `noise` [B, 4, H/8, W/8] replaces the seeded noise;
+        `controls`: ControlNet units (their residuals add up).
         """
-        pictures, p, _ = self._run(tasks.find_task(task), params, noise, callback, inputs)
+        pictures, p, _ = self._run(tasks.find_task(task), params, noise, callback, inputs, tuple(controls))
         return pictures, p
 
     def _run(self, t: tasks.Task, params: GenerationParams, noise: torch.Tensor | None, callback: Callback | None,
-             inputs: dict[str, Any]) -> tuple[torch.Tensor, GenerationParams, dict[str, object]]:
+             inputs: dict[str, Any], units: tuple[ControlUnit, ...] = (),
+             ) -> tuple[torch.Tensor, GenerationParams, dict[str, object]]:
         given = t.check_inputs(inputs)
         p = self.complete(params, t.name, given)
+        controls = self._controls(units, p, given)
         notes = self.addons.apply(p.prompt, p.loras)  # the job's LoRAs in the weights (tags and files)
-        pictures, job_notes = tasks.run_task(self.context, t, p, given, noise, callback)
-        return pictures, p, {**notes, **job_notes}
+        pictures, job_notes = tasks.run_task(replace(self.context, controls=controls), t, p, given, noise, callback)
+        control_notes = {f"ControlNet {i}": c.infotext() for i, c in enumerate(controls)}
+        return pictures, p, {**notes, **job_notes, **control_notes}
 
     def run(
         self, task: str, params: GenerationParams | None = None, *, noise: torch.Tensor | None = None,
-        callback: Callback | None = None, **inputs_and_fields: Any,
+        callback: Callback | None = None, controls: tuple[ControlUnit, ...] = (), **inputs_and_fields: Any,
     ) -> list[Image.Image]:
         """PIL pictures, each carrying its A1111 infotext in `image.info["parameters"]`.
 
         Keyword arguments are the task's inputs (image, mask, ...) or GenerationParams fields,
-        which override `params` (default: GenerationParams with the task's own defaults).
+        which override `params` (default: GenerationParams with the task's own defaults);
+        `controls`: ControlNet units (`ControlUnit`), on any task.
         """
         t = tasks.find_task(task)
         names = {f.name for f in fields(GenerationParams)}
         overrides = {k: v for k, v in inputs_and_fields.items() if k in names}
         inputs = {k: v for k, v in inputs_and_fields.items() if k not in names}
         params = replace(params or GenerationParams(**t.defaults), **overrides)
-        pictures, p, notes = self._run(t, params, noise, callback, inputs)
+        pictures, p, notes = self._run(t, params, noise, callback, inputs, tuple(controls))
         return self._with_infotext(pictures, p, {**t.infotext(p, self.config), **notes})
 
     def txt2img_tensor(self, params: GenerationParams, **kw: Any) -> tuple[torch.Tensor, GenerationParams]:
@@ -260,6 +313,7 @@ def load(
     embeddings_dir: str | Path | None = None,
     vae_dir: str | Path | None = None,
     upscaler: str | Path | None = None,
+    controlnet_dir: str | Path | None = None,
 ) -> Engine:
     """Load a checkpoint file, diffusers folder or hub id into an Engine.
 
@@ -270,7 +324,7 @@ def load(
     AutoencoderKL folder) replacing the model's; `lora_dir`: where <lora:NAME> tags are found;
     `embeddings_dir`: textual-inversion embeddings, each file's name its trigger word; `vae_dir`:
     VAE files to switch between by name (`engine.addons.use_vae`); `upscaler`: an SD x4 upscaler
-    checkpoint for the "x4" hires upscaler.
+    checkpoint for the "x4" hires upscaler; `controlnet_dir`: where ControlNet names are found.
     """
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -279,6 +333,7 @@ def load(
     if vae is not None:
         addons.set_vae(vae)
     engine = Engine(loaded, dev, torch_dtype, quantize_timesteps, addons)
+    engine.controlnet_dir = Path(controlnet_dir) if controlnet_dir is not None else None
     # The x4 upscaler's VAE attends over all latent cells at once (quadratic in the picture): it always
     # decodes in tiles; one tile covering the latent is the untiled decode.
     engine.set_vae_tiling(vae_tiling or (Tiling(128, 32) if loaded.config.inputs == "lowres" else False))

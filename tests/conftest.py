@@ -21,7 +21,7 @@ import pytest
 
 import torch
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from stablekit.bench.diffusers_folder import ldm_yaml, write_diffusers
 from stablekit.config import LowResConfig, ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig
@@ -183,3 +183,39 @@ def kdiffusion():
             if saved[k] is None:
                 sys.modules.pop(k, None)
     return types.SimpleNamespace(sampling=sampling, external=external)
+
+
+@dataclass
+class TinyControlNet:
+    folder: Path  # diffusers ControlNetModel
+    single: Path  # original layout, .safetensors
+    prefixed_fp16: Path  # original layout under control_model., fp16, as a .pth
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnets(tiny_models, tmp_path_factory) -> dict[str, list[TinyControlNet]]:
+    """Two random ControlNets per tiny model, made by diffusers from its UNet: the diffusers folder, the
+    original layout as .safetensors, and under `control_model.` in fp16 as a .pth."""
+    diffusers = pytest.importorskip("diffusers")
+    from stablekit.addons.controlnet_files import _diffusers_to_original
+
+    root = tmp_path_factory.mktemp("controlnets")
+    made: dict[str, list[TinyControlNet]] = {}
+    for family in ("sd1", "sd2", "sd1-inpaint"):
+        unet = diffusers.UNet2DConditionModel.from_pretrained(tiny_models[family].diffusers_dir / "unet")
+        nets = []
+        for k in range(2):
+            cn = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+            randomize(cn, 300 + 10 * k + len(made))
+            folder = root / f"control_{family}_{k}_diffusers"
+            cn.save_pretrained(folder)
+            tensors = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+            recipes = _diffusers_to_original(list(tensors), None)
+            sd = {new: tensors[old[0]].contiguous() for new, (old, _) in recipes.items()}
+            single = root / f"control_{family}_{k}.safetensors"
+            save_file(sd, str(single))
+            pth = root / f"control_{family}_{k}_fp16.pth"
+            torch.save({"control_model." + key: v.half() for key, v in sd.items()}, pth)
+            nets.append(TinyControlNet(folder, single, pth))
+        made[family] = nets
+    return made

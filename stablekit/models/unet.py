@@ -213,6 +213,35 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
+def _transformer(cfg: UNetConfig, ch: int, level: int | None) -> SpatialTransformer:
+    """A level's transformer (level None: the middle block's)."""
+    return SpatialTransformer(ch, cfg.heads_for(ch), cfg.transformer_depth, cfg.context_dim,
+                              cfg.use_linear_in_transformer, cross_only=level in cfg.cross_only_levels)
+
+
+def encoder(cfg: UNetConfig, emb: int) -> tuple[nn.ModuleList, TimestepEmbedSequential, list[int]]:
+    """The input blocks and the middle block (shared by the UNet and the ControlNet, which copies them),
+    and the channels of each input block's output (the skip connections)."""
+    mc = cfg.model_channels
+    input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+    skip_channels = [mc]
+    ch = mc
+    last = len(cfg.channel_mult) - 1
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks):
+            layers: list[nn.Module] = [ResBlock(ch, emb, mc * mult)]
+            ch = mc * mult
+            if level in cfg.attention_levels:
+                layers.append(_transformer(cfg, ch, level))
+            input_blocks.append(TimestepEmbedSequential(*layers))
+            skip_channels.append(ch)
+        if level != last:
+            input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+            skip_channels.append(ch)
+    middle_block = TimestepEmbedSequential(ResBlock(ch, emb, ch), _transformer(cfg, ch, None), ResBlock(ch, emb, ch))
+    return input_blocks, middle_block, skip_channels
+
+
 class UNetModel(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -220,29 +249,10 @@ class UNetModel(nn.Module):
         mc = cfg.model_channels
         emb = mc * 4
         self.time_embed = nn.Sequential(nn.Linear(mc, emb), nn.SiLU(), nn.Linear(emb, emb))
-        self.label_emb = _vector_embedding(cfg, emb)
-
-        def transformer(ch: int, level: int | None) -> SpatialTransformer:  # level None: the middle block
-            return SpatialTransformer(ch, cfg.heads_for(ch), cfg.transformer_depth, cfg.context_dim,
-                                      cfg.use_linear_in_transformer, cross_only=level in cfg.cross_only_levels)
-
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
-        skip_channels = [mc]
-        ch = mc
-        last = len(cfg.channel_mult) - 1
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, emb, mc * mult)]
-                ch = mc * mult
-                if level in cfg.attention_levels:
-                    layers.append(transformer(ch, level))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_channels.append(ch)
-            if level != last:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                skip_channels.append(ch)
-
-        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb, ch), transformer(ch, None), ResBlock(ch, emb, ch))
+        self.label_emb = vector_embedding(cfg, emb)
+        self.input_blocks, self.middle_block, skip_channels = encoder(cfg, emb)
+        skip_channels = list(skip_channels)
+        ch = skip_channels[-1]
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -250,7 +260,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), emb, mc * mult)]
                 ch = mc * mult
                 if level in cfg.attention_levels:
-                    layers.append(transformer(ch, level))
+                    layers.append(_transformer(cfg, ch, level))
                 if level != 0 and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
@@ -271,11 +281,9 @@ class UNetModel(nn.Module):
             x = torch.cat([x, cond.concat.to(x.dtype)], dim=1)
         if x.shape[1] != self.cfg.in_channels:
             raise ValueError(f"the UNet takes {self.cfg.in_channels} input channels, got {x.shape[1]}")
-        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))
-        if self.label_emb is not None:
-            if cond.vector is None:
-                raise ValueError("this UNet takes a vector input (class label or adm vector) and none was given")
-            emb = emb + self.label_emb(cond.vector).to(emb.dtype)
+        if cond.control and control is None:
+            raise ValueError("the conditioning carries ControlNet inputs: run it through ControlledUNet")
+        emb = embed_time(self, t, cond, x.dtype)
         context = cond.crossattn
         skips = []
         h = x
@@ -295,7 +303,7 @@ class UNetModel(nn.Module):
         return self.out(h)
 
 
-def _vector_embedding(cfg: UNetConfig, emb: int) -> nn.Module | None:
+def vector_embedding(cfg: UNetConfig, emb: int) -> nn.Module | None:
     """LDM's `label_emb`: an embedding table for class labels, or two linear layers for an adm vector."""
     if cfg.num_classes and cfg.adm_in_channels:
         raise ValueError("a UNet takes class labels or an adm vector, not both")
@@ -304,6 +312,18 @@ def _vector_embedding(cfg: UNetConfig, emb: int) -> nn.Module | None:
     if cfg.adm_in_channels:  # keys label_emb.0.{0,2}: a Sequential inside a Sequential, as LDM nests it
         return nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb), nn.SiLU(), nn.Linear(emb, emb)))
     return None
+
+
+def embed_time(net: nn.Module, t: torch.Tensor, cond: Cond, dtype: torch.dtype) -> torch.Tensor:
+    """The time embedding [B, 4 * model channels] of a network with `time_embed` and `label_emb`
+    (the UNet, the ControlNet), plus the vector input's where the network takes one."""
+    channels = net.time_embed[0].in_features
+    emb = net.time_embed(timestep_embedding(t, channels).to(dtype))
+    if net.label_emb is not None:
+        if cond.vector is None:
+            raise ValueError("this network takes a vector input (class label or adm vector) and none was given")
+        emb = emb + net.label_emb(cond.vector).to(emb.dtype)
+    return emb
 
 
 class DiffusionWrapper(nn.Module):

@@ -8,20 +8,22 @@ the concat tensor back, so no task tests the kind itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
 import torch
 
 from ..addons.embeddings import Embedding
+from ..diffusion.cond import Cond
 from ..diffusion.denoiser import CFGDenoiser, ModelDenoiser, UNetFn
 from ..diffusion.schedule import ModelSchedule
 from ..masks import latent_mask
 from ..models import StableDiffusionModel
 from ..models.tokenizer import CLIPTokenizer
 from ..params import GenerationParams
+from .control import Control, ControlledUNet, control_inputs
 from .depth import DepthEstimator, depth_for_latents
-from .steps import encode_picture
+from .steps import SamplingPlan, encode_picture
 from .text import TextSettings, encode_prompt, encode_texts, prompt_text
 
 
@@ -42,6 +44,7 @@ class TaskContext:
     upscaler: Callable[[torch.Tensor, str, int], torch.Tensor] | None = None
     # The depth estimator for a depth model: from a folder (its path) or, with None, the checkpoint's own.
     depth_estimator: Callable[[str | None], DepthEstimator] | None = None
+    controls: tuple[Control, ...] = ()  # this job's ControlNets (prepared by the engine)
 
     def denoiser(self, unet: UNetFn | None = None) -> ModelDenoiser:
         """The model's denoiser; `unet` replaces the network call (a wrapper of it: tiling, ControlNet)."""
@@ -113,15 +116,17 @@ def denoiser_calls(p: GenerationParams) -> int:
     return p.steps * (2 if p.sampler_spec.second_order else 1)
 
 
-def guided_denoiser(ctx: TaskContext, p: GenerationParams, concat: torch.Tensor | None = None,
+def guided_denoiser(ctx: TaskContext, p: GenerationParams, plan: SamplingPlan, concat: torch.Tensor | None = None,
                     vector: torch.Tensor | None = None, unet: UNetFn | None = None,
                     after: int | None = None) -> CFGDenoiser:
-    """The prompt-guided denoiser: prompt and negative prompt as CondSchedules sharing the extra channels
-    and vector input; `unet` wraps the network call where a task needs it (tiling).
+    """The prompt-guided denoiser for `plan`: prompt and negative prompt as CondSchedules sharing the
+    extra channels, the vector input and the job's ControlNet maps (at p's size, acting in their step
+    windows of the plan); `unet` wraps the network call where a task needs it (tiling).
 
     Only the prompt's extra-network tags are cut out (the web UI leaves the negative prompt as it is).
     Prompt-editing schedules count denoiser calls (denoiser_calls); `after`: the calls of the pass this
-    one continues (the hires fix's first pass), as the web UI's hires conditioning does.
+    one continues (the hires fix's second pass, where controls follow their hires option), as the web
+    UI's hires conditioning does.
     """
     settings = TextSettings(p.clip_skip, p.emphasis, ctx.embeddings)
     calls = denoiser_calls(p)
@@ -131,4 +136,12 @@ def guided_denoiser(ctx: TaskContext, p: GenerationParams, concat: torch.Tensor 
     used.update(used_negative)
     if used:
         ctx.notes["TI hashes"] = ", ".join(f"{name}: {emb.hash}" for name, emb in used.items())
+    if ctx.controls:
+        if unet is not None:
+            raise ValueError("ControlNet does not run on this task (its UNet call is wrapped: tiled upscaling)")
+        positive, negative = control_inputs(ctx.controls, p.width, p.height, p.batch_size, plan.clock, ctx.device,
+                                            second_pass=after is not None)
+        cond = cond.map(lambda c: replace(c, control=positive))
+        uncond = uncond.map(lambda c: replace(c, control=negative))
+        unet = ControlledUNet(ctx.model.unet)
     return CFGDenoiser(ctx.denoiser(unet), cond, uncond, p.cfg_scale, rescale=p.guidance_rescale)

@@ -142,7 +142,7 @@ def hires_pass(ctx: TaskContext, p: GenerationParams, latents: torch.Tensor, cal
         return start
     plan = plan_sampling(ctx.schedule, p2, ctx.latent_shape(p2.width, p2.height), ctx.device,
                          strength=p2.denoising_strength, fixed_steps=True)
-    return denoise(guided_denoiser(ctx, p2, after=denoiser_calls(p)), plan, start=start, callback=callback)
+    return denoise(guided_denoiser(ctx, p2, plan, after=denoiser_calls(p)), plan, start=start, callback=callback)
 
 
 def _lora_tags(prompt: str) -> list[tuple[str, ...]]:

@@ -113,7 +113,7 @@ def inpaint_latents(
         strategy = Soft(original, area * p.denoising_strength)
     else:
         strategy = Blend(original, lmask) if method == "blend" else ModelInpaint()
-    denoiser = strategy.wrap(guided_denoiser(ctx, p, concat), plan)
+    denoiser = strategy.wrap(guided_denoiser(ctx, p, plan, concat), plan)
     if p.denoising_strength == 1:
         start = strategy.full_strength_start(start, plan)
     return strategy.land(denoise(denoiser, plan, start=start, callback=callback))

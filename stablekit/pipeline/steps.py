@@ -45,6 +45,18 @@ def cut_sigmas(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
     return sigmas[-(run + 1):]
 
 
+@dataclass
+class StepClock:
+    """Where a pass's sampling is: what step-windowed conditioning (ControlNet start/end) reads.
+
+    total: the steps this pass runs; reported: the last step the sampler reported done (None before
+    the first), as the web UI's `state.sampling_step` follows its sampler's callback.
+    """
+
+    total: int
+    reported: int | None = None
+
+
 @dataclass(frozen=True)
 class SamplingPlan:
     """One job's sampler, schedule, noise and randomness, made once before sampling.
@@ -60,6 +72,7 @@ class SamplingPlan:
     generators: list[torch.Generator]
     seeds: list[int]
     model_schedule: ModelSchedule
+    clock: StepClock
 
 
 def plan_sampling(
@@ -87,7 +100,7 @@ def plan_sampling(
         full = sampler_sigmas(schedule, p)
         sigmas = cut_sigmas(full, strength)
     return SamplingPlan(p.sampler_spec, p.sampler_options(), full, sigmas, seeded.to(device), generators, seeds,
-                        schedule)
+                        schedule, StepClock(len(sigmas) - 1))
 
 
 @torch.inference_mode()
@@ -116,9 +129,11 @@ def denoise(
         # A run over the tail of the schedule (img2img): the web UI's Brownian tree still spans all of it.
         options["noise_sampler"] = brownian_noise(noise, plan.full, plan.seeds)
     last: list[torch.Tensor] = []
+    plan.clock.reported = None
 
     def watch(i: int, n: int, x0: torch.Tensor) -> None:
         last[:] = [x0]  # kept first, so a callback that stops sampling leaves an estimate behind
+        plan.clock.reported = i
         if callback is not None:
             callback(i, n, x0)
 

@@ -98,7 +98,7 @@ def txt2img_latents(ctx: TaskContext, p: GenerationParams, canvas: Canvas, noise
                     callback: Callback | None = None) -> torch.Tensor:
     """Text to latents [B, 4, h, w]; `noise` [B, 4, h, w] replaces the seeded noise."""
     plan = plan_sampling(ctx.schedule, p, ctx.latent_shape(p.width, p.height), ctx.device, noise)
-    return denoise(guided_denoiser(ctx, p), plan, callback=callback)
+    return denoise(guided_denoiser(ctx, p, plan), plan, callback=callback)
 
 
 def _txt2img_sample(ctx: TaskContext, p: GenerationParams, canvas: Canvas, noise: torch.Tensor | None = None,
@@ -128,7 +128,7 @@ def img2img_latents(ctx: TaskContext, p: GenerationParams, canvas: Canvas, noise
                          p.denoising_strength)
     start = encode_picture(ctx.model, canvas.picture.expand(p.batch_size, -1, -1, -1))
     concat = extra_inputs(ctx, Pictures(canvas.picture, depth=canvas.depth), p.batch_size)
-    return denoise(guided_denoiser(ctx, p, concat), plan, start=start, callback=callback)
+    return denoise(guided_denoiser(ctx, p, plan, concat), plan, start=start, callback=callback)
 
 
 def _inpaint_sample(ctx: TaskContext, p: GenerationParams, canvas: Canvas, noise: torch.Tensor | None = None,

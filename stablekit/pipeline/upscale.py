@@ -85,7 +85,7 @@ def upscale_latents(ctx: TaskContext, p: GenerationParams, canvas: Canvas, noise
     plan = plan_sampling(ctx.schedule, p, ctx.latent_shape(p.width, p.height), ctx.device, noise,
                          generators=generators)
     unet = tiled_unet(ctx.model.unet, p.upscale_tile, p.upscale_tile // 4) if p.upscale_tile else None
-    latents = denoise(guided_denoiser(ctx, p, small, level, unet), plan, callback=callback)
+    latents = denoise(guided_denoiser(ctx, p, plan, small, level, unet), plan, callback=callback)
     rows, cols = canvas.latent_crop or (h, w)
     return latents[..., :rows, :cols]
 

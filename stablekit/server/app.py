@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from .. import __version__
 from ..engine import Engine
 from .config import ServerConfig
+from .controlnet_api import controlnet_router
 from .errors import install_error_handlers
 from .routes_jobs import jobs_router
 from .routes_sdapi import sdapi_router
@@ -30,7 +31,7 @@ def default_loader(config: ServerConfig) -> EngineLoader:
         return load_engine(spec, dtype=config.dtype, device=config.device, prediction=config.prediction,
                            vae_tiling=config.vae_tiling, vae=config.vae, lora_dir=config.lora_dir,
                            embeddings_dir=config.embeddings_dir, vae_dir=config.vae_dir,
-                           upscaler=config.upscaler_model)
+                           upscaler=config.upscaler_model, controlnet_dir=config.controlnet_dir)
     return load
 
 
@@ -53,6 +54,7 @@ def create_app(config: ServerConfig, loader: EngineLoader | None = None) -> Fast
     app.include_router(sdapi_router(backend, auth))
     app.include_router(jobs_router(backend, auth))
     app.include_router(tools_router(backend, auth))
+    app.include_router(controlnet_router(backend, auth))
     mount_ui(app)  # the browser UI at /, on top of the two APIs above
     app.add_middleware(BodyLimit, limit=config.limits.max_upload_bytes)
     if config.cors_origins:  # off unless asked for: browsers on other sites cannot call the API

@@ -16,6 +16,7 @@ class Limits:
     queue_size: int = 16  # jobs waiting behind the running one; more get 503 with Retry-After
     max_upload_bytes: int = 32 * 1024 * 1024  # request body, checked while it is read
     max_input_pixels: int = 4096 * 4096  # decoded size of an uploaded picture, checked from its header
+    max_controls: int = 3  # ControlNet units per request (the extension's default unit count)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class ServerConfig:
     lora_dir: Path | None = None  # where <lora:NAME> tags of prompts are found (GET /sdapi/v1/loras)
     embeddings_dir: Path | None = None  # textual-inversion embeddings (GET /sdapi/v1/embeddings)
     upscaler_model: str | None = None  # an SD x4 upscaler: the "SD x4" hires upscaler and extras upscaler
+    controlnet_dir: Path | None = None  # ControlNets clients name (GET /controlnet/model_list)
 
     @property
     def db_path(self) -> Path:

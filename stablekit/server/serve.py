@@ -41,6 +41,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     s.add_argument("--upscaler-model", default=None,
                    help='an SD x4 upscaler checkpoint: the "SD x4" hires upscaler and extras upscaler')
     s.add_argument("--embeddings-dir", type=Path, help="textual-inversion embeddings (GET /sdapi/v1/embeddings)")
+    s.add_argument("--controlnet-dir", type=Path, help="ControlNet files clients may name (GET /controlnet/model_list)")
+    s.add_argument("--max-controls", type=int, default=3, help="ControlNet units one request may use")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return s
 
@@ -49,7 +51,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     from .security import parse_basic_auth
 
     limits = Limits(max_pixels=args.max_pixels, max_steps=args.max_steps, max_batch=args.max_batch,
-                    queue_size=args.queue_size, max_upload_bytes=int(args.max_upload_mb * 2**20))
+                    queue_size=args.queue_size, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                    max_controls=args.max_controls)
     for name in ("max_pixels", "max_steps", "max_batch", "queue_size", "max_upload_bytes"):
         if getattr(limits, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
@@ -69,7 +72,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         allow_url_images=args.allow_url_images, dtype=args.dtype,
         device=None if args.device == "auto" else args.device, prediction=args.prediction,
         vae_tiling=args.vae_tiling, vae=args.vae, vae_dir=args.vae_dir, lora_dir=args.lora_dir,
-        embeddings_dir=args.embeddings_dir, upscaler_model=args.upscaler_model,
+        embeddings_dir=args.embeddings_dir, upscaler_model=args.upscaler_model, controlnet_dir=args.controlnet_dir,
     )
 
 
@@ -82,8 +85,9 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     check_bind(args.host, config, args.insecure)
-    if args.models_dir is not None and not args.models_dir.is_dir():
-        raise ValueError(f"--models-dir {args.models_dir} is not a folder")
+    for flag, folder in (("--models-dir", args.models_dir), ("--controlnet-dir", args.controlnet_dir)):
+        if folder is not None and not folder.is_dir():
+            raise ValueError(f"{flag} {folder} is not a folder")
     app = create_app(config)
     app.state.backend.start()  # load the model now: a bad checkpoint is a clear error, not a server that fails
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -16,7 +16,7 @@ Variation seeds: subseed, subseed_strength, seed_resize_from_w/h.
 
 Refused with 400, because silently ignoring them would give a different picture than asked for:
 hr_checkpoint_name, restore_faces, tiling, s_churn/s_tmin/s_tmax/s_min_uncond != 0,
-script_name, enabled alwayson_scripts, styles, refiner_checkpoint, resize_mode 3 (latent),
+script_name, enabled alwayson_scripts other than ControlNet's (server/controlnet_api.py), styles, refiner_checkpoint, resize_mode 3 (latent),
 initial_noise_multiplier != 1, latent_mask, mask_blur_x != mask_blur_y.
 
 Accepted and ignored (no effect on the picture here): do_not_save_*, comments,
@@ -34,6 +34,7 @@ from PIL import Image
 from ..diffusion.samplers import find_sampler
 from ..images import parse_infotext
 from ..params import MAX_SEED, Api, GenerationParams, settings
+from ..pipeline.control import ControlUnit
 from ..pipeline.hires import work_sizes
 from ..pipeline.tasks import HIRES_FIELDS, TASKS, Task
 from .api_models import Depth2ImgRequest, Img2ImgRequest, ProcessingFields, Txt2ImgRequest, UpscaleRequest
@@ -51,6 +52,8 @@ class Work:
     inputs: dict[str, Any] = field(default_factory=dict)  # the task's inputs (image, mask, ...)
     checkpoint: str | None = None  # override_settings.sd_model_checkpoint; None = the current model
     vae: str | None = None  # override_settings.sd_vae; None = the current VAE
+    controls: tuple[ControlUnit, ...] = ()  # alwayson_scripts.controlnet units (models still by name)
+    control_maps: tuple[bool, ...] = ()  # per unit: its detected map goes back after the pictures
 
     @property
     def image(self) -> Image.Image | None:
@@ -96,7 +99,7 @@ def _refuse_unsupported(req: ProcessingFields) -> None:
     no(bool(req.refiner_checkpoint), "refiner_checkpoint")
     for name, script in (req.alwayson_scripts or {}).items():
         args = script.get("args", []) if isinstance(script, dict) else script
-        no(bool(args) and args != [False], f"the always-on script {name!r}")
+        no(name.lower() != "controlnet" and bool(args) and args != [False], f"the always-on script {name!r}")
     if isinstance(req, Img2ImgRequest):
         no(_v(req, "resize_mode") == 3, "resize_mode 3 (latent upscale)")
         no(req.initial_noise_multiplier not in (None, 1, 1.0), "initial_noise_multiplier other than 1")
@@ -246,7 +249,10 @@ def to_work(task: str, req: ProcessingFields, limits: Limits, allow_urls: bool, 
     for name, value in (("sd_model_checkpoint", checkpoint), ("sd_vae", vae)):
         if value is not None and not isinstance(value, str):
             raise ApiError(400, f"override_settings.{name} must be a string")
-    return Work(task, params, n_iter, inputs, checkpoint, vae)
+    from .controlnet_api import parse_units
+
+    controls, maps = parse_units(req.alwayson_scripts, limits, allow_urls)
+    return Work(task, params, n_iter, inputs, checkpoint, vae, controls, maps)
 
 
 def binary_mask(mask: Image.Image) -> Image.Image:

@@ -20,8 +20,10 @@ from .. import __version__
 from ..diffusion.common import SamplingStopped
 from ..engine import Engine
 from ..images import save_png
+from ..pipeline.control_maps import fit_control_map
 from .checkpoints import Checkpoint, Checkpoints
 from .config import ServerConfig
+from .controlnet_api import resolve_models, unit_dict
 from .errors import ApiError
 from .jobs import CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, JobQueue, JobRecord, JobStore, LocalQueue, \
     QueueFull, new_job_id
@@ -183,6 +185,7 @@ class LocalBackend:
             work.checkpoint = self.checkpoints.find(work.checkpoint).title
         if work.vae not in (None, "Automatic", "None") and work.vae not in self.engine.addons.vae_files():
             raise ApiError(400, f"unknown VAE {work.vae!r}; GET /sdapi/v1/sd-vae lists them")
+        work.controls = resolve_models(work.controls, self.config.controlnet_dir)
         stored = req.model_dump(exclude_unset=True)
         stored["seed"] = work.params.seed  # a re-run after a restart repeats the same pictures
         stored["override_settings"] = {**(req.override_settings or {}), "CLIP_stop_at_last_layers": work.params.clip_skip}
@@ -193,6 +196,9 @@ class LocalBackend:
                 from .previews import png_base64  # a URL is fetched once; the stored copy is the picture
 
                 stored[key] = [png_base64(picture)] if key == "init_images" else png_base64(picture)
+        if "alwayson_scripts" in stored:  # as the pictures: dropped for web-UI calls, fetched URLs kept as PNGs
+            units = [unit_dict(u, Path(u.model).stem) for u in work.controls] if kind != "webui" else []
+            stored["alwayson_scripts"] = {"controlnet": {"args": units}} if units else {}
         rec = JobRecord(new_job_id(), kind, task, stored, persist=persist)
         future: Future[JobResult] = Future()
         with self._lock:
@@ -302,6 +308,7 @@ class LocalBackend:
         if work is None:  # re-queued after a restart: validate the stored request again
             req = parse_request(rec.task, rec.request)
             work = to_work(rec.task, req, self.config.limits, self.config.allow_url_images, self.options.clip_skip)
+            work.controls = resolve_models(work.controls, self.config.controlnet_dir)
         progress = self.progress
         progress.job_count = work.n_iter
         restore = rec.request.get("override_settings_restore_afterwards", True) is not False
@@ -318,7 +325,9 @@ class LocalBackend:
                 if progress.interrupted:
                     break
                 progress.job_no, progress.step, progress.skipped = k, 0, False
-                pictures += engine.run(work.task, iteration_params(work, k), callback=callback, **work.inputs)
+                pictures += engine.run(work.task, iteration_params(work, k), callback=callback,
+                                       controls=work.controls, **work.inputs)
+            pictures += self._detected_maps(engine, work)
         infotexts = [im.info.get("parameters", "") for im in pictures]
         model = engine.loaded
         info = info_json(work, infotexts, Path(model.name).stem, model.short_hash, progress.timestamp,
@@ -329,6 +338,18 @@ class LocalBackend:
             names = [save_png(im, folder, work.params.seed + i).name for i, im in enumerate(pictures)]
         with self._lock:
             self._finish(rec, DONE, info=info, images=names, pictures=pictures)
+
+    @staticmethod
+    def _detected_maps(engine: Engine, work: Work) -> list[Image.Image]:
+        """The maps the ControlNet units saw (at the working size), after the pictures, as the extension
+        returns them; a unit's save_detected_map false leaves its map out."""
+        p, maps = work.params, []
+        for unit, wanted in zip(work.controls, work.control_maps):
+            if wanted:
+                image = unit.image if unit.image is not None else work.image
+                detected = engine.control_map(unit, image, p.width, p.height)
+                maps.append(Image.fromarray(fit_control_map(detected, p.width, p.height, unit.resize)))
+        return maps
 
     def image_path(self, rec: JobRecord, index: int) -> Path | None:
         if not 0 <= index < len(rec.images):
