@@ -183,4 +183,4 @@ def fit_control_map(detected: np.ndarray, width: int, height: int, mode: str) ->
 
 def to_hint(detected: np.ndarray) -> torch.Tensor:
     """[H, W, 3] uint8 -> [1, 3, H, W] float32 in [0, 1], the ControlNet's input."""
-    return torch.from_numpy(np.ascontiguousarray(detected)).float().permute(2, 0, 1)[None] / 255.0
+    return torch.from_numpy(np.array(detected, copy=True)).float().permute(2, 0, 1)[None] / 255.0
