@@ -126,7 +126,7 @@ class Engine:
 
     def controlnet(self, model: str | Path) -> LoadedControlNet:
         """A ControlNet by path or by name in `controlnet_dir`, checked against this model; loaded once."""
-        path = find_controlnet(str(model), self.controlnet_dir).resolve()
+        path = find_controlnet(str(model), self.controlnet_dir).absolute()  # a link keeps its own name
         if path not in self._controlnets:
             self._controlnets[path] = load_controlnet(path, self.config, self.loaded.model.unet, self.device,
                                                       self.dtype)
