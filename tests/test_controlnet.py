@@ -269,3 +269,76 @@ def test_a_unit_without_a_picture_on_txt2img_is_a_clear_error(tiny_models, tiny_
     engine = stablekit.load(tiny_models["sd1"].single_file)
     with pytest.raises(ValueError, match="has no picture"):
         engine.txt2img(prompt="x", width=W, height=H, steps=2, controls=(ControlUnit(str(tiny_controlnets["sd1"][0].single)),))
+
+
+# --- every task, the CLI, skipping -----------------------------------------------------------------
+
+
+def test_control_end_skips_the_controlnet_after_its_window(tiny_models, tiny_controlnets):
+    engine = stablekit.load(tiny_models["sd1"].single_file)
+    net = tiny_controlnets["sd1"][0]
+    loaded = engine.controlnet(str(net.single))
+    calls = []
+    handle = loaded.net.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        p = stablekit.GenerationParams(prompt=PROMPT, negative_prompt=NEGATIVE, width=W, height=H, steps=10,
+                                       sampler="Euler", seed=1)
+        engine.txt2img_tensor(p, controls=(ControlUnit(str(net.single), image=control_picture(2), end=0.5),))
+    finally:
+        handle.remove()
+    assert calls == [2] * 7  # steps 0..6 (the web UI's rule), prompt and negative prompt as one batch
+
+
+def test_hires_fix_runs_the_control_at_each_passs_size_and_follows_hr_option(tiny_models, tiny_controlnets):
+    engine = stablekit.load(tiny_models["sd1"].single_file)
+    net = tiny_controlnets["sd1"][0]
+    sizes = []
+    handle = engine.controlnet(str(net.single)).net.register_forward_hook(
+        lambda module, args, out: sizes.append(tuple(args[1].shape[-2:])))
+    p = stablekit.GenerationParams(prompt=PROMPT, width=W, height=H, steps=3, sampler="Euler", seed=1,
+                                   hires_scale=1.5, hires_denoise=0.5, hires_steps=2)
+    results = {}
+    try:
+        for option in ("both", "low", "high"):
+            sizes.clear()
+            unit = ControlUnit(str(net.single), image=control_picture(2), hr_option=option)
+            results[option] = engine.txt2img_tensor(p, controls=(unit,))[0]
+            expected = {"both": [(H, W)] * 3 + [(96, 144)] * 2, "low": [(H, W)] * 3, "high": [(96, 144)] * 2}
+            assert sizes == expected[option]
+    finally:
+        handle.remove()
+    assert results["both"].shape == (1, 3, 96, 144)
+    assert (results["low"] - results["high"]).abs().max() > 1e-3
+
+
+def test_canny_is_softened_in_the_hires_pass():
+    from stablekit.pipeline.control import Control, control_inputs
+
+    class Net:  # what control_inputs reads of a loaded ControlNet
+        net = type("N", (), {"skip_channels": tuple(range(12))})()
+
+    unit = ControlUnit("m", module="canny", weight=1.0)
+    control = Control(unit, Net(), np.zeros((8, 8, 3), np.uint8))
+    first, _ = control_inputs((control,), 8, 8, 1, StepClock(4), torch.device("cpu"))
+    second, _ = control_inputs((control,), 8, 8, 1, StepClock(4), torch.device("cpu"), second_pass=True)
+    assert torch.allclose(first[0].scales[0], torch.ones(13))
+    assert torch.allclose(second[0].scales[0], block_scales(ControlUnit("m", mode="prompt"), 13))
+
+
+def test_cli_control(tiny_models, tiny_controlnets, tmp_path, capsys):
+    from stablekit.cli import main
+
+    control = tmp_path / "control.png"
+    control_picture(4).save(control)
+    out = tmp_path / "out"
+    args = ["txt2img", "--model", str(tiny_models["sd1"].single_file), "--prompt", "x", "--width", str(W),
+            "--height", str(H), "--steps", "2", "--seed", "3", "--out", str(out), "--control-end", "0.5",
+            "--control", f"{tiny_controlnets['sd1'][0].single}:{control}:0.7", "--control-module", "invert"]
+    assert main(args) == 0
+    text = Image.open(capsys.readouterr().out.strip().splitlines()[-1]).info["parameters"]
+    assert "Module: invert" in text and "Weight: 0.7" in text and "Guidance End: 0.5" in text
+    assert main([*args[:-4], "--control", f"{tiny_controlnets['sd2'][0].single}:{control}"]) == 2
+    assert "is a ControlNet for" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # an argument error: argparse's usage line and exit status 2
+        main([*args[:-4], "--control", "just-a-name"])
+    assert stop.value.code == 2 and "MODEL:IMAGE" in capsys.readouterr().err
