@@ -1,6 +1,7 @@
 // The page: the form, runs through the job API with live progress, the result view and the gallery.
 import { ApiError, del, get, post, setCredentials, setLoginHandler, streamEvents } from "./api.js";
 import { MaskEditor } from "./canvas.js";
+import { controlUnits, loadControlNet } from "./controlnet.js";
 import { Gallery } from "./gallery.js";
 import { fillForm } from "./infotext.js";
 import { loadNetworks } from "./networks.js";
@@ -105,6 +106,8 @@ function buildRequest() {
     width: number("width"), height: number("height"), batch_size: number("batch_size"), n_iter: number("n_iter"),
   };
   if ($("model").value) body.override_settings = { sd_model_checkpoint: $("model").value };
+  const units = controlUnits(state.mode);
+  if (units.length) body.alwayson_scripts = { controlnet: { args: units } };
   Object.assign(body, {
     subseed: number("subseed"), subseed_strength: number("subseed_strength", { integer: false }),
     seed_resize_from_w: number("seed_resize_from_w"), seed_resize_from_h: number("seed_resize_from_h"),
@@ -408,6 +411,7 @@ async function loadLists() {
   state.resolution = options.stablekit_model_resolution;
   $("sampler_name").value = samplers.some((s) => s.name === "DPM++ 2M") ? "DPM++ 2M" : samplers[0]?.name;
   await loadNetworks($("networks"), $("network-list"), $("prompt"));
+  await loadControlNet(showError);
 }
 
 async function start() {
