@@ -1,6 +1,7 @@
 """Before/after picture pairs for img2img, both inpainting methods, outpainting, depth2img (with its
-depth map) and the x4 upscaler, made with the tiny random-weight test models (so the "after" shows
-where things changed, not a meaningful picture), and hires fix and variation seeds with the demo model.
+depth map), the x4 upscaler and ControlNet (its canny map, and where the control changes the result),
+made with the tiny random-weight test models (so the "after" shows where things changed, not a
+meaningful picture), and hires fix and variation seeds with the demo model.
 
     python scripts/editing_examples.py docs/examples
 """
@@ -47,6 +48,35 @@ def tiny_upscaler(folder: Path) -> Path:
     return path
 
 
+def tiny_controlnet(folder: Path, base: stablekit.Engine) -> Path:
+    """A random ControlNet shaped for the tiny SD 1 model, in the original layout."""
+    from stablekit.models.controlnet import ControlNet, ControlNetConfig
+    from tests.conftest import randomize
+
+    net = ControlNet(ControlNetConfig(base.config.unet, hint_block_channels=(8, 8, 16, 16)))
+    randomize(net, 7)
+    path = folder / "control_tiny_canny.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return path
+
+
+def controlnet_pairs(base: stablekit.Engine, tmp: Path, common: dict) -> dict:
+    """The canny map of a square, and |with - without| the control (amplified): where it acts."""
+    from stablekit.pipeline.control import ControlUnit
+
+    square = Image.new("RGB", (96, 64), "black")
+    square.paste((255, 255, 255), (28, 12, 68, 52))
+    unit = ControlUnit(str(tiny_controlnet(tmp, base)), image=square, module="canny", processor_res=64,
+                       resize="just-resize")
+    edges = Image.fromarray(base.control_map(unit, square, 96, 64))
+    without = base.txt2img(**common)[0]
+    with_control = base.txt2img(**common, controls=(unit,))[0]
+    change = np.abs(np.asarray(with_control, np.int16) - np.asarray(without, np.int16)).max(axis=2)
+    where = Image.fromarray(np.clip(change * 4, 0, 255).astype(np.uint8)).convert("RGB")
+    return {"controlnet-canny-map": (square, edges), "controlnet": (without, with_control),
+            "controlnet-change": (edges, where)}
+
+
 def main(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:  # kept while the depth model's estimator is read from its file
@@ -71,6 +101,7 @@ def examples(out_dir: Path, tmp: Path) -> None:
         "outpaint": (make_picture(64, 64), base.outpaint(make_picture(64, 64), right=32, prompt="a yellow star",
                                                          steps=12, seed=1, sampler="Euler a")[0]),
     }
+    pairs.update(controlnet_pairs(base, tmp, common))
     square = make_picture(64, 48)
     depth16 = np.asarray(depth_picture(depth_model.estimate_depth(square)[0]), dtype=np.float64)
     depth = Image.fromarray((depth16 / 257).astype(np.uint8)).resize(square.size, Image.BICUBIC)  # 8-bit view

@@ -435,3 +435,48 @@ def test_hires_fix_and_variation_seed_panels(page, server):
     shot(page, "txt2img-hires.png")
     page.click("#tab-depth2img")  # the demo model is a base model: the page shows the server's refusal
     assert page.is_visible("#show-depth") and page.is_hidden("#hires-options")
+
+
+def test_controlnet_panel_previews_the_map_and_sends_the_unit(browser, tmp_path):
+    """A random ControlNet shaped for the demo model in --controlnet-dir: the panel lists it, previews the
+    canny map of a chosen picture through /controlnet/detect, and the run's infotext names the unit."""
+    from safetensors.torch import save_file
+
+    from stablekit.demo import demo_model
+    from stablekit.models.controlnet import ControlNet, ControlNetConfig
+    from stablekit.train.demo import DEMO_CONFIG
+
+    from .conftest import randomize
+
+    folder = tmp_path / "controlnet"
+    folder.mkdir()
+    net = ControlNet(ControlNetConfig(DEMO_CONFIG.unet))
+    randomize(net, 5)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "control_demo_canny.safetensors"))
+    square = Image.new("RGB", (64, 64), "black")
+    square.paste((255, 255, 255), (16, 16, 48, 48))
+    square.save(tmp_path / "square.png")
+    srv = Server(demo_model(), tmp_path, "--controlnet-dir", str(folder), env={"OMP_NUM_THREADS": "1"})
+    try:
+        context, page, errors = open_page(browser, srv)
+        try:
+            page.click("#controlnet-options > summary")
+            assert page.eval_on_selector_all("#cn_model option", "os => os.map(o => o.value)")[0].startswith(
+                "control_demo_canny [")
+            page.check("#cn_enabled")
+            page.select_option("#cn_module", "canny")
+            page.set_input_files("#cn_picture", str(tmp_path / "square.png"))
+            page.wait_for_selector("#cn_source:not([hidden])")
+            page.click("#cn_preview")
+            page.wait_for_selector("#cn_map:not([hidden])")
+            small_run(page, steps=3, seed=4)
+            page.fill("#cn_weight", "0.8")
+            generate(page)
+            info = page.inner_text("#infotext")
+            assert 'ControlNet 0: "Module: canny, Model: control_demo_canny [' in info and "Weight: 0.8" in info
+            shot(page, "controlnet-panel.png")
+        finally:
+            context.close()
+        assert not errors, f"JavaScript errors in the page: {errors}"
+    finally:
+        srv.stop()

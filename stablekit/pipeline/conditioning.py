@@ -14,7 +14,6 @@ from typing import Callable, Mapping
 import torch
 
 from ..addons.embeddings import Embedding
-from ..diffusion.cond import Cond
 from ..diffusion.denoiser import CFGDenoiser, ModelDenoiser, UNetFn
 from ..diffusion.schedule import ModelSchedule
 from ..masks import latent_mask
