@@ -142,7 +142,8 @@ def test_webuiapi_controlnet_helpers(tiny_models, cn_dir, tmp_path, engine):
         cn = webuiapi.ControlNetUnit(image=control, module="canny", model=models[1], weight=0.9,
                                      resize_mode="Just Resize")
         result = api.txt2img(prompt="a red barn", steps=4, width=SIZE, height=SIZE, seed=8, sampler_name="Euler",
-                             cfg_scale=7, controlnet_units=[cn])
+                             cfg_scale=7, controlnet_units=[cn],
+                             alwayson_scripts={})  # webuiapi adds the units to its shared default dict otherwise
         assert len(result.images) == 2  # the picture and the canny map
         edges = np.asarray(result.images[1].convert("L"))
         assert set(np.unique(edges)) <= {0, 255}
