@@ -61,4 +61,8 @@ export async function loadControlNet(showError) {
     $("cn_map").hidden = true;
   });
   $("cn_preview").addEventListener("click", () => previewMap(showError));
+  $("cn_map").addEventListener("click", () => { // the map at its own size (thin edges vanish in the thumbnail)
+    const view = window.open();
+    if (view) view.document.body.innerHTML = `<img src="${$("cn_map").src}" alt="control map">`;
+  });
 }
