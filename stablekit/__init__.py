@@ -5,5 +5,6 @@ __version__ = "0.1.0"
 
 from .engine import Engine, load
 from .params import GenerationParams
+from .pipeline.control import ControlUnit
 
-__all__ = ["Engine", "GenerationParams", "load", "__version__"]
+__all__ = ["ControlUnit", "Engine", "GenerationParams", "load", "__version__"]
