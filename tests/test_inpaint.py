@@ -252,6 +252,19 @@ def test_outpaint_keeps_the_picture_and_paints_the_border(tiny_models):
     assert np.array_equal(np.asarray(out)[:, 16:80], np.asarray(image))
 
 
+@pytest.mark.parametrize("fill", ["noise", "edges"])
+def test_outpaint_new_area_is_all_generated_so_no_fill_seam_shows(tiny_models, fill):
+    """With the mask blurred (4 px), the new area still takes only generated pixels: the same as without
+    paste-back there, while the picture's middle stays the input's."""
+    engine = stablekit.load(tiny_models["sd1"].single_file)
+    image = make_picture(64, 48)
+    run = lambda paste: np.asarray(engine.outpaint(image, left=16, right=16, fill=fill, params=params(  # noqa: E731
+        batch_size=1, steps=3, mask_blur=4.0, paste_back=paste, denoising_strength=1.0))[0]).astype(int)
+    pasted, generated = run(True), run(False)
+    assert np.array_equal(pasted[:, :16], generated[:, :16]) and np.array_equal(pasted[:, 80:], generated[:, 80:])
+    assert np.array_equal(pasted[:, 32:64], np.asarray(image)[:, 16:48])  # beyond the blur: the input's pixels
+
+
 def test_soft_inpainting_lets_each_pixel_join_when_the_schedule_reaches_its_strength():
     """Per pixel, soft inpainting with strength m equals img2img with strength m (exact denoiser, Euler)."""
     from stablekit.diffusion.denoiser import SoftMaskedDenoiser

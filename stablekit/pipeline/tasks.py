@@ -16,6 +16,7 @@ from PIL import Image
 
 from ..config import INPUT_KINDS, ModelConfig
 from ..diffusion.samplers import Callback
+from ..images import to_tensor
 from ..params import GenerationParams
 from .conditioning import Pictures, TaskContext, extra_inputs, guided_denoiser
 from .depth import depth_map_from_picture
@@ -157,9 +158,14 @@ def _inpaint_infotext(p: GenerationParams, cfg: ModelConfig) -> dict[str, object
 
 
 def _outpaint_prepare(ctx: TaskContext, p: GenerationParams, inputs: Inputs) -> Canvas:
+    """The extended canvas, inpainted. The new area is repainted whole and the mask's blur reaches only
+    into the picture: blurred outwards, it let fill pixels (noise, stretched edges) show as a seam."""
     sides = {k: inputs[k] for k in ("left", "right", "top", "bottom")}
-    canvas, mask = outpaint_canvas(inputs["image"], **sides, fill=inputs["fill"])
-    return inpaint_canvas(canvas, mask, p, ctx.device)
+    picture, mask = outpaint_canvas(inputs["image"], **sides, fill=inputs["fill"])
+    canvas = inpaint_canvas(picture, mask, p, ctx.device)
+    new_area = to_tensor(mask)[:, :1].to(ctx.device)  # [1, 1, H, W], the canvas is the working size
+    return replace(canvas, mask=torch.maximum(canvas.mask, new_area),
+                   paste_mask=None if canvas.paste_mask is None else torch.maximum(canvas.paste_mask, new_area))
 
 
 def _depth2img_prepare(ctx: TaskContext, p: GenerationParams, inputs: Inputs) -> Canvas:
