@@ -154,8 +154,6 @@ class Engine:
         the task's own)."""
         if units and self.config.inputs == "lowres":
             raise ValueError("ControlNet does not run on the x4 upscaler")
-        if units and "mask" in inputs and p.inpaint_area == "masked":
-            raise ValueError("ControlNet with --inpaint-area masked is not supported; use the whole picture")
         controls = []
         for unit in units:
             unit = unit.validated()

@@ -342,3 +342,33 @@ def test_cli_control(tiny_models, tiny_controlnets, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:  # an argument error: argparse's usage line and exit status 2
         main([*args[:-4], "--control", "just-a-name"])
     assert stop.value.code == 2 and "MODEL:IMAGE" in capsys.readouterr().err
+
+
+def test_only_masked_inpainting_crops_the_control_map_with_the_picture(tiny_models, tiny_controlnets):
+    """--inpaint-area masked works on a box of the picture; the unit's map is cut to the same box, so a map
+    that is the picture itself gives the same result as handing the ControlNet the box's crop."""
+    engine = stablekit.load(tiny_models["sd1"].single_file)
+    net = str(tiny_controlnets["sd1"][0].single)
+    image, control = control_picture(11, 128, 96), control_picture(12, 128, 96)
+    mask = Image.new("L", image.size, 0)
+    mask.paste(255, (40, 30, 70, 60))
+    p = stablekit.GenerationParams(prompt=PROMPT, width=W, height=H, steps=3, sampler="Euler", seed=5,
+                                   inpaint_area="masked", inpaint_padding=8, mask_blur=0, denoising_strength=1.0)
+    ours = engine.inpaint(image, mask, p, controls=(ControlUnit(net, image=control, resize="just-resize"),))[0]
+    plain = engine.inpaint(image, mask, p)[0]
+    assert ours.size == image.size
+    a, b = np.asarray(ours).astype(int), np.asarray(plain).astype(int)
+    assert np.array_equal(a[:20], b[:20])  # outside the box both keep the picture
+    assert np.abs(a - b).max() > 3  # inside, the control acted
+    from stablekit.masks import mask_box, mask_from_picture
+    from stablekit.pipeline.control_maps import fit_control_map, to_hint
+
+    left, top, right, bottom = mask_box(mask_from_picture(mask, False), 8, W, H)
+    seen = []
+    handle = engine.controlnet(net).net.register_forward_hook(lambda m, args, out: seen.append(args[1][:1].clone()))
+    try:
+        engine.inpaint(image, mask, p, controls=(ControlUnit(net, image=control, resize="just-resize"),))
+    finally:
+        handle.remove()
+    expected = to_hint(fit_control_map(np.asarray(control)[top:bottom, left:right], W, H, "just-resize"))
+    assert all(torch.equal(hint, expected) for hint in seen) and len(seen) == 3  # every step saw the box's map

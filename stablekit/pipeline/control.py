@@ -151,6 +151,15 @@ def midas_map(picture: np.ndarray, resolution: int, depth: Callable[[torch.Tenso
     return remove_pad(np.repeat(grey[:, :, None], 3, axis=2))
 
 
+def cropped_to(controls: tuple[Control, ...], width: int, height: int, box: tuple[int, int, int, int],
+               ) -> tuple[Control, ...]:
+    """The maps as they lie under a crop of a width x height picture ("only masked" inpainting, as the
+    extension crops its input): fitted to the whole picture, then cut to the box (left, top, right, bottom)."""
+    left, top, right, bottom = box
+    return tuple(replace(c, detected=fit_control_map(c.detected, width, height, c.unit.resize)[top:bottom, left:right])
+                 for c in controls)
+
+
 # --- in the denoiser -------------------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ from ..diffusion.samplers import Callback
 from ..images import to_tensor
 from ..params import GenerationParams
 from .conditioning import Pictures, TaskContext, extra_inputs, guided_denoiser
+from .control import cropped_to
 from .depth import depth_map_from_picture
 from .editing import Canvas, finish, fitted_canvas, inpaint_canvas, outpaint_canvas, outpaint_size
 from .hires import hires_infotext, hires_pass
@@ -246,6 +247,9 @@ def run_task(
     task.check_model(ctx.model.cfg)
     ctx = replace(ctx, notes={})  # this job's own
     canvas = task.prepare(ctx, p, inputs)
+    if canvas.box is not None and ctx.controls:  # the task works on a crop: so do the control maps
+        whole = canvas.whole.shape
+        ctx = replace(ctx, controls=cropped_to(ctx.controls, whole[-1], whole[-2], canvas.box))
     nothing_to_do = task.uses_strength and p.denoising_strength == 0  # the picture is kept as it is
     latents = None if nothing_to_do else task.sample(ctx, p, canvas, noise, callback)
     return finish(ctx.model, canvas, latents, p.batch_size), ctx.notes
