@@ -342,7 +342,7 @@ def _depth_net(args: argparse.Namespace):
         raise ValueError("depth_midas needs --depth-model (a DPT folder) or --model (an SD 2 depth checkpoint)")
     estimator = load_depth_estimator(args.depth_model) if args.depth_model is not None else \
         checkpoint_depth_estimator(resolve(args.model))
-    return lambda x: estimator.net(x.to(estimator.device, estimator.dtype)).float()
+    return estimator.network
 
 
 def _samplers(args: argparse.Namespace) -> int:

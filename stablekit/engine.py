@@ -143,10 +143,7 @@ class Engine:
 
     def _detect(self, unit: ControlUnit, image: Image.Image, width: int, height: int,
                 depth_model: str | Path | None = None) -> tuple[np.ndarray, dict[str, object]]:
-        def depth(x: torch.Tensor) -> torch.Tensor:  # [1, 3, H, W] in [-1, 1] -> [1, 1, H, W]
-            estimator = self.depth_estimator(depth_model)
-            return estimator.net(x.to(estimator.device, estimator.dtype)).float()
-        return detect_map(unit, image, width, height, depth)
+        return detect_map(unit, image, width, height, lambda x: self.depth_estimator(depth_model).network(x))
 
     def _controls(self, units: tuple[ControlUnit, ...], p: GenerationParams, inputs: dict[str, Any],
                   ) -> tuple[Control, ...]:

@@ -147,3 +147,18 @@ def test_cli_preprocess_writes_the_map(tmp_path, capsys):
     assert np.array_equal(np.asarray(written)[:, :, 0], cv2.Canny(drawing(64, 64, 9), 100, 200))
     assert main(["preprocess", "sobel", str(source)]) == 2
     assert "unknown preprocessor" in capsys.readouterr().err
+
+
+def test_depth_midas_runs_the_checkpoints_estimator(tmp_path, capsys):
+    """The CLI's depth_midas map from a depth checkpoint's own DPT: grey, min-max scaled to 0..255 (over the padded picture), at the
+    processor resolution (the picture's short side -> 64, padded to 64s while the network runs)."""
+    from .test_depth2img import make_depth_model
+
+    checkpoint = make_depth_model(tmp_path)[0]
+    source = tmp_path / "in.png"
+    Image.fromarray(drawing(96, 64, 10)).save(source)
+    assert main(["preprocess", "depth_midas", str(source), "--model", str(checkpoint), "--res", "64",
+                 "--out", str(tmp_path / "maps")]) == 0
+    depth = np.asarray(Image.open(capsys.readouterr().out.strip()))
+    assert depth.shape == (64, 96, 3) and np.array_equal(depth[:, :, 0], depth[:, :, 1])
+    assert depth.max() > depth.min()  # scaled over the padded picture, as the extension does

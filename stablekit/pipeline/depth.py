@@ -257,6 +257,12 @@ class DepthEstimator:
         return self.net.cfg
 
     @torch.no_grad()
+    def network(self, x: torch.Tensor) -> torch.Tensor:
+        """The network alone on pictures already in its input range [-1, 1], at their own size (as the
+        ControlNet extension's depth preprocessor runs it) -> [B, 1, h, w] float32."""
+        return self.net(x.to(self.device, self.dtype)).float()
+
+    @torch.no_grad()
     def predict(self, pictures: torch.Tensor) -> torch.Tensor:
         """Pictures [B,3,H,W] in [0,1] -> relative inverse depth [B,1,h,w] (float32) at the network's input size."""
         x = self.preprocess(pictures).to(self.device, self.dtype)

@@ -17,6 +17,7 @@ server allows.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends
@@ -139,7 +140,7 @@ def resolve_models(units: tuple[ControlUnit, ...], folder) -> tuple[ControlUnit,
             path = find_controlnet(unit.model, folder, allow_paths=False)
         except CheckpointError as e:
             raise ApiError(400, f"{e}; GET /controlnet/model_list lists them") from None
-        out.append(ControlUnit(**{**unit.__dict__, "model": str(path)}))
+        out.append(replace(unit, model=str(path)))
     return tuple(out)
 
 
