@@ -124,7 +124,7 @@ PREPROCESSORS: dict[str, Preprocessor] = {p.name: p for p in (
     Preprocessor("blur_gaussian", "blur_gaussian", _blur_gaussian,
                  threshold_a=Slider("Sigma", 0.01, 64.0, 9.0, 0.01)),
 )}
-ALIASES = {"depth": "depth_midas", "lineart": "lineart_standard"}  # names older clients send
+ALIASES = {"depth": "depth_midas"}  # the extension's older name ("lineart" is its model-based lineart_realistic)
 
 
 def find_preprocessor(name: str) -> Preprocessor:
@@ -163,6 +163,8 @@ def _high_quality_resize(x: np.ndarray, width: int, height: int) -> np.ndarray:
 def fit_control_map(detected: np.ndarray, width: int, height: int, mode: str) -> np.ndarray:
     """A map [h, w, 3] -> [height, width, 3]: "just-resize" stretches; "crop" covers and crops the middle;
     "fill" fits inside, centred on the median colour of the map's border."""
+    if mode not in ("just-resize", "crop", "fill"):
+        raise ValueError(f"unknown control resize mode '{mode}'; choose just-resize, crop or fill")
     if mode == "just-resize":
         return _high_quality_resize(detected, width, height)
     h, w = detected.shape[:2]
@@ -175,8 +177,6 @@ def fit_control_map(detected: np.ndarray, width: int, height: int, mode: str) ->
         top, left = max(0, (height - nh) // 2), max(0, (width - nw) // 2)
         out[top:top + nh, left:left + nw] = resized
         return out
-    if mode != "crop":
-        raise ValueError(f"unknown control resize mode '{mode}'; choose just-resize, crop or fill")
     top, left = max(0, (nh - height) // 2), max(0, (nw - width) // 2)
     return np.ascontiguousarray(resized[top:top + height, left:left + width])
 
