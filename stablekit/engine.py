@@ -145,14 +145,24 @@ class Engine:
                 depth_model: str | Path | None = None) -> tuple[np.ndarray, dict[str, object]]:
         return detect_map(unit, image, width, height, lambda x: self.depth_estimator(depth_model).network(x))
 
-    def _controls(self, units: tuple[ControlUnit, ...], p: GenerationParams, inputs: dict[str, Any],
+    def prepare_controls(self, task: str, params: GenerationParams, units: tuple[ControlUnit, ...],
+                         **inputs: Any) -> tuple[Control, ...]:
+        """Units with their networks loaded and maps detected for this task's working size: pass them as
+        `controls=` to runs of the same size (the batches of one request) to preprocess once."""
+        given = tasks.find_task(task).check_inputs(inputs)
+        return self._controls(units, self.complete(params, task, given), given)
+
+    def _controls(self, units: tuple[ControlUnit | Control, ...], p: GenerationParams, inputs: dict[str, Any],
                   ) -> tuple[Control, ...]:
         """The job's units with their networks loaded and maps detected (a unit without a picture reads
-        the task's own)."""
+        the task's own); already prepared ones are taken as they are."""
         if units and self.config.inputs == "lowres":
             raise ValueError("ControlNet does not run on the x4 upscaler")
         controls = []
         for unit in units:
+            if isinstance(unit, Control):
+                controls.append(unit)
+                continue
             unit = unit.validated()
             image = unit.image if unit.image is not None else inputs.get("image")
             if image is None:
@@ -178,7 +188,7 @@ class Engine:
 
     def run_tensor(
         self, task: str, params: GenerationParams, *, noise: torch.Tensor | None = None,
-        callback: Callback | None = None, controls: tuple[ControlUnit, ...] = (), **inputs: Any,
+        callback: Callback | None = None, controls: tuple[ControlUnit | Control, ...] = (), **inputs: Any,
     ) -> tuple[torch.Tensor, GenerationParams]:
         """Float pictures [B, 3, H, W] in [0, 1] and the validated params (with the concrete seed).
 
@@ -189,7 +199,7 @@ class Engine:
         return pictures, p
 
     def _run(self, t: tasks.Task, params: GenerationParams, noise: torch.Tensor | None, callback: Callback | None,
-             inputs: dict[str, Any], units: tuple[ControlUnit, ...] = (),
+             inputs: dict[str, Any], units: tuple[ControlUnit | Control, ...] = (),
              ) -> tuple[torch.Tensor, GenerationParams, dict[str, object]]:
         given = t.check_inputs(inputs)
         p = self.complete(params, t.name, given)
@@ -201,7 +211,7 @@ class Engine:
 
     def run(
         self, task: str, params: GenerationParams | None = None, *, noise: torch.Tensor | None = None,
-        callback: Callback | None = None, controls: tuple[ControlUnit, ...] = (), **inputs_and_fields: Any,
+        callback: Callback | None = None, controls: tuple[ControlUnit | Control, ...] = (), **inputs_and_fields: Any,
     ) -> list[Image.Image]:
         """PIL pictures, each carrying its A1111 infotext in `image.info["parameters"]`.
 

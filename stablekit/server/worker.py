@@ -20,6 +20,7 @@ from .. import __version__
 from ..diffusion.common import SamplingStopped
 from ..engine import Engine
 from ..images import save_png
+from ..pipeline.control import Control
 from ..pipeline.control_maps import fit_control_map
 from .checkpoints import Checkpoint, Checkpoints
 from .config import ServerConfig
@@ -321,13 +322,14 @@ class LocalBackend:
                 self.options.checkpoint = checkpoint
                 self.options.vae = work.vae or self.options.vae
             callback = self._callback(progress)
+            controls = engine.prepare_controls(work.task, work.params, work.controls, **work.inputs)  # once
             for k in range(work.n_iter):
                 if progress.interrupted:
                     break
                 progress.job_no, progress.step, progress.skipped = k, 0, False
                 pictures += engine.run(work.task, iteration_params(work, k), callback=callback,
-                                       controls=work.controls, **work.inputs)
-            pictures += self._detected_maps(engine, work)
+                                       controls=controls, **work.inputs)
+            pictures += self._detected_maps(work, controls)
         infotexts = [im.info.get("parameters", "") for im in pictures]
         model = engine.loaded
         info = info_json(work, infotexts, Path(model.name).stem, model.short_hash, progress.timestamp,
@@ -340,16 +342,12 @@ class LocalBackend:
             self._finish(rec, DONE, info=info, images=names, pictures=pictures)
 
     @staticmethod
-    def _detected_maps(engine: Engine, work: Work) -> list[Image.Image]:
+    def _detected_maps(work: Work, controls: tuple[Control, ...]) -> list[Image.Image]:
         """The maps the ControlNet units saw (at the working size), after the pictures, as the extension
         returns them; a unit's save_detected_map false leaves its map out."""
-        p, maps = work.params, []
-        for unit, wanted in zip(work.controls, work.control_maps):
-            if wanted:
-                image = unit.image if unit.image is not None else work.image
-                detected = engine.control_map(unit, image, p.width, p.height)
-                maps.append(Image.fromarray(fit_control_map(detected, p.width, p.height, unit.resize)))
-        return maps
+        p = work.params
+        return [Image.fromarray(fit_control_map(c.detected, p.width, p.height, c.unit.resize))
+                for c, wanted in zip(controls, work.control_maps) if wanted]
 
     def image_path(self, rec: JobRecord, index: int) -> Path | None:
         if not 0 <= index < len(rec.images):
