@@ -110,10 +110,13 @@ class VAEConfig:
     z_channels: int = 4
     norm_groups: int = 32  # GroupNorm groups (diffusers' norm_num_groups)
     # The latent format: the sampler's latent is (VAE latent - shift_factor) * scale_factor, and
-    # preview_rgb maps it to colours for cheap live previews.
+    # preview_rgb (and preview_bias) map it to colours for cheap live previews; a format
+    # that is not SD's gets a fitted map or decoder previews at load (models/preview_fit.py).
     scale_factor: float = 0.18215
     shift_factor: float = 0.0
     preview_rgb: tuple[tuple[float, float, float], ...] = SD_PREVIEW_RGB
+    preview_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)  # added after the map (fitted formats have one)
+    preview_decoder: bool = False  # preview with the decoder itself (small VAEs of other latent formats)
 
     @property
     def downscale(self) -> int:

@@ -202,12 +202,17 @@ class Engine:
              inputs: dict[str, Any], units: tuple[ControlUnit | Control, ...] = (),
              ) -> tuple[torch.Tensor, GenerationParams, dict[str, object]]:
         given = t.check_inputs(inputs)
+        if noise is not None and params.seed == -1:
+            # the caller's noise is the first noise: a random seed would claim a picture it cannot give
+            # back; seed 0 drives only the stochastic samplers' step noise, so the run repeats
+            params = replace(params, seed=0)
         p = self.complete(params, t.name, given)
         controls = self._controls(units, p, given)
         notes = self.addons.apply(p.prompt, p.loras)  # the job's LoRAs in the weights (tags and files)
         pictures, job_notes = tasks.run_task(replace(self.context, controls=controls), t, p, given, noise, callback)
         control_notes = {f"ControlNet {i}": c.infotext() for i, c in enumerate(controls)}
-        return pictures, p, {**notes, **job_notes, **control_notes}
+        noise_note = {"Initial noise": "given"} if noise is not None else {}
+        return pictures, p, {**notes, **job_notes, **control_notes, **noise_note}
 
     def run(
         self, task: str, params: GenerationParams | None = None, *, noise: torch.Tensor | None = None,

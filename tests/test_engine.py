@@ -86,6 +86,16 @@ def test_explicit_noise_equals_seeded_noise(sd1):
         sd1.txt2img_tensor(params(), noise=noise[:, :3])
 
 
+def test_explicit_noise_reports_the_callers_seed_and_no_random_one(sd1):
+    noise = torch.randn((1, 4, H // 8, W // 8), generator=torch.Generator().manual_seed(9))
+    a, p = sd1.txt2img_tensor(params(seed=-1, sampler="Euler a"), noise=noise)
+    b, q = sd1.txt2img_tensor(params(seed=-1, sampler="Euler a"), noise=noise)
+    assert p.seed == q.seed == 0 and torch.equal(a, b)  # the step noise's seed: the run repeats
+    assert sd1.txt2img_tensor(params(seed=77, sampler="Euler a"), noise=noise)[1].seed == 77
+    info = sd1.txt2img(params(seed=-1), noise=noise)[0].info["parameters"]
+    assert "Seed: 0," in info and "Initial noise: given" in info
+
+
 def test_different_seeds_and_prompts_change_the_picture(sd1):
     a, _ = sd1.txt2img_tensor(params(seed=1))
     assert not torch.equal(a, sd1.txt2img_tensor(params(seed=2))[0])

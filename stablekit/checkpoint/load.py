@@ -14,6 +14,7 @@ import torch
 from ..config import ModelConfig, Prediction
 from ..detect import CheckpointError, detect, unused_keys, upscaler_hints
 from ..models import StableDiffusionModel
+from ..models.preview_fit import with_preview
 from .files import read_tensors, release, shapes_of
 from .sources import SINGLE_FILE_SUFFIXES, read_diffusers_folder, resolve, yaml_hints
 
@@ -123,7 +124,9 @@ def load_model(
     """Read, detect and build a model; weights go straight to `dtype` on `device`."""
     ckpt = open_checkpoint(spec, prediction=prediction, zero_terminal_snr=zero_terminal_snr)
     model = build_and_load(ckpt.config, ckpt.tensors, dtype=dtype, device=device)
-    return LoadedModel(model, ckpt.config, ckpt.name, ckpt.path, ckpt.notes)
+    vae, note = with_preview(ckpt.config.vae, model.vae)
+    cfg = replace(ckpt.config, vae=vae)
+    return LoadedModel(model, cfg, ckpt.name, ckpt.path, ckpt.notes + ([note] if note else []))
 
 
 def build_and_load(

@@ -28,7 +28,7 @@ from .controlnet_api import resolve_models, unit_dict
 from .errors import ApiError
 from .jobs import CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, JobQueue, JobRecord, JobStore, LocalQueue, \
     QueueFull, new_job_id
-from .previews import latent_preview
+from .previews import latent_preview, model_preview
 from .webui import Work, info_json, iteration_params, parse_request, to_work
 
 log = logging.getLogger("stablekit.server")
@@ -164,8 +164,9 @@ class LocalBackend:
 
     def preview(self, latent: torch.Tensor) -> Image.Image:
         """A cheap picture of a latent, in the loaded model's latent format."""
-        vae = self._engine.config.vae if self._engine is not None else None
-        return latent_preview(latent) if vae is None else latent_preview(latent, rgb_map=vae.preview_rgb)
+        if self._engine is None:
+            return latent_preview(latent)
+        return model_preview(latent, self._engine.loaded.model, self._engine.config.vae)
 
     @property
     def engine(self) -> Engine:
