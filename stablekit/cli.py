@@ -11,7 +11,8 @@ from pathlib import Path
 from . import __version__
 from .detect import CheckpointError
 from .params import GenerationParams, settings
-from .pipeline.tasks import TASKS, Task
+from .task_table import TASKS, Task
+from .threads import CpuSample
 
 DEFAULTS = GenerationParams()
 
@@ -26,7 +27,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--zero-terminal-snr", action="store_true", default=None,
                    help="the model was trained with zero-terminal-SNR betas (Lin et al. 2023)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: the cores other programs leave free, measured at start)")
     p.add_argument("--vae-tiling", action="store_true",
                    help="decode and encode in overlapping tiles: large pictures in bounded memory")
     p.add_argument("--compile", action="store_true",
@@ -137,7 +139,7 @@ def _add_task_args(t: argparse.ArgumentParser, task: Task) -> None:
         s = declared[name]
         default = task.defaults.get(name, getattr(DEFAULTS, name))
         flags = s.flags or (f"--{name.replace('_', '-')}",)
-        help = s.help + (_SIZE_HELP[task.size_of is not None] if name in ("width", "height") else "")
+        help = s.help + (_SIZE_HELP[task.size_fn is not None] if name in ("width", "height") else "")
         if isinstance(default, bool):  # a switch: --x turns a False default on, --no-x a True one off
             t.add_argument(*flags, dest=name, action="store_false" if default else "store_true", help=help)
         elif s.repeat:
@@ -194,11 +196,13 @@ def _control_units(args: argparse.Namespace) -> tuple:
 
 def _generate(args: argparse.Namespace) -> int:
     """Read the inputs, check the params, load the model, run the task with a progress bar, save, print paths."""
+    started = time.perf_counter()
     from tqdm import tqdm
 
-    from .engine import load, set_threads
+    from .engine import load  # torch and the pipeline: imported only to run
     from .images import save_png
 
+    imported = time.perf_counter()
     task = TASKS[args.task]
     inputs = _inputs(args, task)
     mask, image = inputs.get("mask"), inputs.get("image")
@@ -207,7 +211,7 @@ def _generate(args: argparse.Namespace) -> int:
                          "give a mask of the same size, or pass --resize-mask")  # before the model loads
     params = _params(args, task)
     controls = _control_units(args)
-    if task.size_of is not None:
+    if task.size_fn is not None:
         width, height = task.working_size(params, inputs, 0)
         if "image" in inputs and (width, height) != inputs["image"].size:
             print(f"stablekit: note: working at {width}x{height} (the picture is "
@@ -217,22 +221,39 @@ def _generate(args: argparse.Namespace) -> int:
         from .demo import demo_model
 
         args.model = demo_model()
-    set_threads(args.threads)
     engine = load(args.model, dtype=args.dtype, device=args.device, prediction=args.prediction,
                   zero_terminal_snr=args.zero_terminal_snr, vae_tiling=args.vae_tiling, compile=args.compile,
                   vae=args.vae, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
                   upscaler=args.upscaler_model, controlnet_dir=args.controlnet_dir)
     for note in engine.loaded.notes:
         print(f"stablekit: {note}", file=sys.stderr)
+    threads = _threads(args, engine.device.type)
     print(f"stablekit: loaded {engine.config.name} in {time.perf_counter() - t0:.1f}s "
-          f"({engine.device.type}, {args.dtype})", file=sys.stderr)
+          f"({engine.device.type}, {args.dtype}{threads})", file=sys.stderr)
+    loaded = time.perf_counter()
     with tqdm(unit="step", file=sys.stderr, desc="sampling") as bar:
         images = engine.run(task.name, params, callback=lambda i, n, x0: (setattr(bar, "total", n), bar.update(1)),
                             controls=controls, **inputs)
+    ran = time.perf_counter()
     for k, image in enumerate(images):
         print(save_png(image, Path(args.out), params.seed + k), flush=True)
-    print(f"stablekit: done in {time.perf_counter() - t0:.1f}s; peak memory {peak_memory(engine.device)}", file=sys.stderr)
+    done = time.perf_counter()
+    print(f"stablekit: done in {done - started:.1f}s (imports {imported - started:.1f}s, model load {loaded - t0:.1f}s, "
+          f"{task.name} {ran - loaded:.1f}s, saving {done - ran:.1f}s); peak memory {peak_memory(engine.device)}",
+          file=sys.stderr)
     return 0
+
+
+def _threads(args: argparse.Namespace, device: str) -> str:
+    """Set the CPU threads (--threads, else the cores free since the command started); says how many."""
+    from .engine import set_threads
+    from .threads import auto_threads, usable_cores
+
+    threads = args.threads or auto_threads(args.cpu_start)
+    set_threads(threads)
+    if device != "cpu":
+        return ""
+    return f", {threads} thread{'s' * (threads > 1)}" + ("" if args.threads else f" of {usable_cores()} cores")
 
 
 def peak_memory(device) -> str:
@@ -252,10 +273,11 @@ def _info(args: argparse.Namespace) -> int:
 
     from .checkpoint import shapes_of, open_checkpoint
     from .models import StableDiffusionModel
+    from .models.meta import empty_modules
 
     ckpt = open_checkpoint(args.model, prediction=args.prediction)
     cfg = ckpt.config
-    with torch.device("meta"):
+    with empty_modules():
         model = StableDiffusionModel(cfg)
 
     def count(m: torch.nn.Module) -> str:
@@ -347,7 +369,7 @@ def _depth_net(args: argparse.Namespace):
 
 def _samplers(args: argparse.Namespace) -> int:
     from .diffusion.samplers import SAMPLERS
-    from .diffusion.schedule import SCHEDULE_LABELS
+    from .diffusion.schedule_names import SCHEDULE_LABELS
 
     every = [k for k in SCHEDULE_LABELS if k != "automatic"]
     rows = [(spec.name, ", ".join(spec.aliases), spec.default_schedule, ", ".join(spec.options) or "-",
@@ -374,7 +396,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    cpu_start = CpuSample.now()  # the imports that follow are the window other programs' CPU use is measured over
     args = build_parser().parse_args(argv)
+    args.cpu_start = cpu_start
     try:
         if args.command in TASKS:
             return _generate(args)

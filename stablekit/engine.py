@@ -15,13 +15,14 @@ from .addons.session import Addons
 from .checkpoint import LoadedModel, load_model
 from .config import ModelConfig, Prediction
 from .detect import CheckpointError
-from .diffusion.samplers import Callback
+from .diffusion.common import Callback
 from .diffusion.schedule import ModelSchedule
 from .images import infotext, to_pil, to_tensor
 from .models.tokenizer import CLIPTokenizer
 from .models.vae_tiling import Tiling
 from .params import GenerationParams
-from .pipeline import tasks
+from . import task_table
+from .pipeline.tasks import run_task
 from .addons.controlnet_files import LoadedControlNet, controlnet_labels, find_controlnet, load_controlnet
 from .pipeline.conditioning import TaskContext
 from .pipeline.control import Control, ControlUnit, detect_map
@@ -69,14 +70,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 class Engine:
     """Load once, generate many: `engine = stablekit.load(path)`; `engine.txt2img(prompt=...)`.
 
-    Every task of the table (`pipeline.tasks.TASKS`) runs through `run(task, ...)`; the named
+    Every task of the table (`task_table.TASKS`) runs through `run(task, ...)`; the named
     methods are short spellings of it.
     """
 
     def __init__(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype, quantize_timesteps: bool = False,
                  addons: Addons | None = None):
         cfg = loaded.config
-        if not tasks.runnable(cfg):
+        if not task_table.runnable(cfg):
             raise CheckpointError(f"this is {cfg.kind.what}; no task here runs it yet")
         self.loaded = loaded
         self.device = device
@@ -149,7 +150,7 @@ class Engine:
                          **inputs: Any) -> tuple[Control, ...]:
         """Units with their networks loaded and maps detected for this task's working size: pass them as
         `controls=` to runs of the same size (the batches of one request) to preprocess once."""
-        given = tasks.find_task(task).check_inputs(inputs)
+        given = task_table.find_task(task).check_inputs(inputs)
         return self._controls(units, self.complete(params, task, given), given)
 
     def _controls(self, units: tuple[ControlUnit | Control, ...], p: GenerationParams, inputs: dict[str, Any],
@@ -183,7 +184,7 @@ class Engine:
     def complete(self, params: GenerationParams, task: str = "txt2img", inputs: dict[str, Any] | None = None,
                  ) -> GenerationParams:
         """Validated params with a concrete seed and the task's working size (see Task.working_size)."""
-        width, height = tasks.find_task(task).working_size(params, inputs or {}, self.config.resolution)
+        width, height = task_table.find_task(task).working_size(params, inputs or {}, self.config.resolution)
         return replace(params, width=width, height=height).validated()
 
     def run_tensor(
@@ -195,10 +196,10 @@ class Engine:
         `inputs` are the task's own (image, mask, ...); `noise` [B, 4, H/8, W/8] replaces the seeded noise;
         `controls`: ControlNet units (their residuals add up).
         """
-        pictures, p, _ = self._run(tasks.find_task(task), params, noise, callback, inputs, tuple(controls))
+        pictures, p, _ = self._run(task_table.find_task(task), params, noise, callback, inputs, tuple(controls))
         return pictures, p
 
-    def _run(self, t: tasks.Task, params: GenerationParams, noise: torch.Tensor | None, callback: Callback | None,
+    def _run(self, t: task_table.Task, params: GenerationParams, noise: torch.Tensor | None, callback: Callback | None,
              inputs: dict[str, Any], units: tuple[ControlUnit | Control, ...] = (),
              ) -> tuple[torch.Tensor, GenerationParams, dict[str, object]]:
         given = t.check_inputs(inputs)
@@ -209,7 +210,7 @@ class Engine:
         p = self.complete(params, t.name, given)
         controls = self._controls(units, p, given)
         notes = self.addons.apply(p.prompt, p.loras)  # the job's LoRAs in the weights (tags and files)
-        pictures, job_notes = tasks.run_task(replace(self.context, controls=controls), t, p, given, noise, callback)
+        pictures, job_notes = run_task(replace(self.context, controls=controls), t, p, given, noise, callback)
         control_notes = {f"ControlNet {i}": c.infotext() for i, c in enumerate(controls)}
         noise_note = {"Initial noise": "given"} if noise is not None else {}
         return pictures, p, {**notes, **job_notes, **control_notes, **noise_note}
@@ -224,7 +225,7 @@ class Engine:
         which override `params` (default: GenerationParams with the task's own defaults);
         `controls`: ControlNet units (`ControlUnit`), on any task.
         """
-        t = tasks.find_task(task)
+        t = task_table.find_task(task)
         names = {f.name for f in fields(GenerationParams)}
         overrides = {k: v for k, v in inputs_and_fields.items() if k in names}
         inputs = {k: v for k, v in inputs_and_fields.items() if k not in names}

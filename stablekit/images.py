@@ -11,8 +11,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-
-RESIZE_MODES = ("just-resize", "crop-and-resize", "resize-and-fill")  # the web UI's resize modes 0, 1, 2
+from .params import RESIZE_MODES
 
 
 def load_picture(path: Path) -> Image.Image:

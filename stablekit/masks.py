@@ -12,8 +12,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-MASKED_CONTENT = ("fill", "original", "latent-noise", "latent-nothing")  # the web UI's inpainting_fill 0..3
-
 
 def mask_from_picture(mask: Image.Image, invert: bool = False) -> torch.Tensor:
     """Greyscale, RGB, or the alpha channel of an RGBA picture (transparent = repaint) -> [1, 1, H, W]."""

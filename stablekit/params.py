@@ -12,9 +12,10 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Mapping
 
 from .diffusion.samplers import SamplerSpec, find_sampler
-from .diffusion.schedule import SCHEDULE_LABELS, resolve_schedule
-from .images import RESIZE_MODES
-from .masks import MASKED_CONTENT
+from .diffusion.schedule_names import SCHEDULE_LABELS, resolve_schedule
+
+RESIZE_MODES = ("just-resize", "crop-and-resize", "resize-and-fill")  # the web UI's resize modes 0, 1, 2
+MASKED_CONTENT = ("fill", "original", "latent-noise", "latent-nothing")  # the web UI's inpainting_fill 0..3
 
 INPAINT_METHODS = ("auto", "blend", "model")
 INPAINT_AREAS = ("whole", "masked")

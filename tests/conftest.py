@@ -19,7 +19,14 @@ from pathlib import Path
 
 import pytest
 
-import torch
+from stablekit.threads import CpuSample, auto_threads
+
+# The suite picks its thread count once, before torch starts its thread pool: the cores other
+# programs leave free now (or OMP_NUM_THREADS as given). Subprocesses inherit it, and results
+# compared byte-exactly across processes then come from the same count.
+os.environ["OMP_NUM_THREADS"] = str(auto_threads(CpuSample.now()))
+
+import torch  # noqa: E402 - after the thread count is fixed
 import yaml
 from safetensors.torch import load_file, save_file
 

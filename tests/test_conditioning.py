@@ -149,7 +149,7 @@ def test_model_kind_is_read_off_the_input_channels(tiny_models, tmp_path, capsys
 
 
 def test_a_kind_no_task_runs_is_refused_at_load(tiny_models, tmp_path, monkeypatch):
-    from stablekit.pipeline import tasks
+    from stablekit import task_table as tasks
 
     path, _ = _with_input_channels(tiny_models["sd1"], tmp_path, 5)
     monkeypatch.setattr(tasks, "TASKS", {k: t for k, t in tasks.TASKS.items() if k != "depth2img"})

@@ -180,7 +180,7 @@ def test_cli_entry_point_runs_as_module(tiny_models):
 
 
 def test_cli_samplers_lists_every_sampler_with_aliases_and_schedules(capsys):
-    from stablekit.diffusion.schedule import SCHEDULE_LABELS
+    from stablekit.diffusion.schedule_names import SCHEDULE_LABELS
 
     assert main(["samplers"]) == 0
     out = capsys.readouterr().out

@@ -1,7 +1,12 @@
 """The first-hour rough edges (issue: first hour of a new user): the demo model by name, mask sizes
-checked before loading and an aligned samplers table."""
+checked before loading, an aligned samplers table, and a command line that answers without torch."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
 
 import stablekit
 from stablekit.cli import main
@@ -36,3 +41,33 @@ def test_the_samplers_table_stays_aligned(capsys):
     for column in ("aliases", "automatic", "options", "schedules"):
         at = header.index(column)
         assert all(row[at - 1] == " " and row[at] != " " for row in rows), column  # every value starts there
+
+
+# Each command in a fresh interpreter: what it imported is then its own.
+NO_TORCH = """
+import sys
+from stablekit.cli import main
+try:
+    code = main({argv!r})
+except SystemExit as e:
+    code = e.code
+print("torch imported" if "torch" in sys.modules else "no torch", code)
+"""
+
+
+@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["txt2img", "--help"], 0), (["samplers"], 0),
+                                        (["txt2img", "--steps", "x"], 2), (["txt2img", "--sampler", "nope"], 2),
+                                        (["inpaint", "--prompt", "p"], 2)])
+def test_help_samplers_and_argument_errors_do_not_import_torch(argv, code):
+    out = subprocess.run([sys.executable, "-c", NO_TORCH.format(argv=argv)], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip().splitlines()[-1] == f"no torch {code}"
+
+
+def test_import_stablekit_is_lazy_but_its_names_are_there():
+    out = subprocess.run([sys.executable, "-c", "import sys, stablekit; a = 'torch' in sys.modules; "
+                          "stablekit.GenerationParams; b = 'torch' in sys.modules; stablekit.load; "
+                          "print(a, b, 'torch' in sys.modules)"], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False", "True"]
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        stablekit.nothing  # noqa: B018 - the access is the test

@@ -13,7 +13,8 @@ import torch
 
 from stablekit.diffusion import schedule as S
 from stablekit.diffusion.samplers import find_sampler
-from stablekit.diffusion.schedule import ModelSchedule, ddim, karras, make_sigmas, resolve_schedule, uniform
+from stablekit.diffusion.schedule import ModelSchedule, ddim, karras, make_sigmas, uniform
+from stablekit.diffusion.schedule_names import SCHEDULE_LABELS, resolve_schedule
 
 diffusers = pytest.importorskip("diffusers")
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
@@ -274,8 +275,8 @@ def test_every_schedule_is_float64_descending_and_ends_at_zero(ms, name):
 
 
 def test_schedule_names_labels_and_aliases():
-    assert set(S.SCHEDULE_LABELS) == set(S.SCHEDULES) | {"automatic"}
-    for key, label in S.SCHEDULE_LABELS.items():
+    assert set(SCHEDULE_LABELS) == set(S.SCHEDULES) | {"automatic"}
+    for key, label in SCHEDULE_LABELS.items():
         for form in (key, key.upper(), label, label.lower(), label.upper(), f"  {label} "):
             assert resolve_schedule(form) == key, form
     assert resolve_schedule("SGMUniform") == resolve_schedule("sgmuniform") == "sgm_uniform"  # A1111's alias
@@ -288,7 +289,7 @@ def test_schedule_names_labels_and_aliases():
 def test_unknown_schedule_lists_the_valid_names():
     with pytest.raises(ValueError, match="unknown schedule 'nope'; choose from") as err:
         resolve_schedule("nope")
-    for key, label in S.SCHEDULE_LABELS.items():
+    for key, label in SCHEDULE_LABELS.items():
         assert f"'{label}' ({key})" in str(err.value)
     with pytest.raises(ValueError, match="unknown schedule 'Karras2'"):
         make_sigmas(ModelSchedule(), "Karras2", 7)

@@ -14,7 +14,7 @@ from stablekit.cli import build_parser, main
 from stablekit.params import GenerationParams, settings
 from stablekit.pipeline.editing import fitted_canvas
 from stablekit.pipeline.steps import encode_picture
-from stablekit.pipeline.tasks import IMAGE, TASKS, Task
+from stablekit.task_table import IMAGE, TASKS, Task
 from stablekit.server.api_models import Img2ImgRequest
 from stablekit.server.config import Limits
 from stablekit.server.webui import REQUESTS, to_work

@@ -29,6 +29,7 @@ from ..config import ModelConfig
 from ..detect import CheckpointError, Hints, detect_unet
 from ..diffusers_keys import Recipe, same, unet_to_ldm
 from ..models.controlnet import ControlNet, ControlNetConfig
+from ..models.meta import empty_modules
 
 PREFIX = "control_model."
 PARTS = ("time_embed.", "label_emb.", "input_hint_block.", "input_blocks.", "zero_convs.", "middle_block.",
@@ -174,7 +175,7 @@ def load_controlnet(path: str | Path, base: ModelConfig, base_unet: torch.nn.Mod
     path = Path(path)
     sd, hints = read_controlnet(path)
     cfg = _fits(detect_controlnet(sd, _with_base_defaults(hints, shapes_of(sd), base)), base, path.name)
-    with torch.device("meta"):
+    with empty_modules():
         net = ControlNet(cfg)
     wanted = net.state_dict()
     missing = sorted(set(wanted) - set(sd))

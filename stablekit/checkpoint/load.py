@@ -14,6 +14,7 @@ import torch
 from ..config import ModelConfig, Prediction
 from ..detect import CheckpointError, detect, unused_keys, upscaler_hints
 from ..models import StableDiffusionModel
+from ..models.meta import empty_modules
 from ..models.preview_fit import with_preview
 from .files import read_tensors, release, shapes_of
 from .sources import SINGLE_FILE_SUFFIXES, read_diffusers_folder, resolve, yaml_hints
@@ -133,7 +134,7 @@ def build_and_load(
     cfg: ModelConfig, sd: Mapping[str, torch.Tensor], *, dtype: torch.dtype, device: torch.device | str
 ) -> StableDiffusionModel:
     """Build modules without memory (meta device), check keys and shapes, then assign the weights."""
-    with torch.device("meta"):
+    with empty_modules():
         model = StableDiffusionModel(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     present = [k for k in sd if not unused_keys(k, cfg)]

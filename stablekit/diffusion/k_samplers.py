@@ -20,7 +20,7 @@ import math
 import torch
 
 from .brownian import NoiseSampler, brownian_noise
-from .common import Callback, Generators, SamplerSpec, randn_like, report
+from .common import Callback, Generators, randn_like, report
 from .denoiser import Denoise
 
 
@@ -327,26 +327,3 @@ def sample_dpmpp_3m_sde(
             denoised_1, denoised_2 = denoised, denoised_1
         report(callback, i, len(s) - 1, denoised)
     return x
-
-
-SPECS: tuple[SamplerSpec, ...] = (
-    # Names, aliases, "automatic" schedules and the discarded penultimate sigma as in the web UI (1.9+).
-    SamplerSpec("Euler", ("euler", "k_euler"), sample_euler, "uniform"),
-    SamplerSpec("Euler a", ("euler_a", "euler_ancestral", "k_euler_a", "k_euler_ancestral"), sample_euler_ancestral,
-                "uniform", options=("eta", "s_noise")),
-    SamplerSpec("DPM++ 2M", ("dpmpp_2m", "k_dpmpp_2m"), sample_dpmpp_2m, "karras"),
-    SamplerSpec("LMS", ("lms", "k_lms"), sample_lms, "uniform"),
-    SamplerSpec("Heun", ("heun", "k_heun"), sample_heun, "uniform", second_order=True),
-    SamplerSpec("DPM2", ("dpm_2", "k_dpm_2"), sample_dpm_2, "karras", discard_penultimate_sigma=True,
-                second_order=True),
-    SamplerSpec("DPM2 a", ("dpm_2_a", "dpm_2_ancestral", "k_dpm_2_a"), sample_dpm_2_ancestral, "karras",
-                options=("eta", "s_noise"), discard_penultimate_sigma=True, second_order=True),
-    SamplerSpec("DPM++ 2S a", ("dpmpp_2s_a", "dpmpp_2s_ancestral", "k_dpmpp_2s_a"), sample_dpmpp_2s_ancestral,
-                "karras", options=("eta", "s_noise"), second_order=True),
-    SamplerSpec("DPM++ SDE", ("dpmpp_sde", "k_dpmpp_sde"), sample_dpmpp_sde, "karras",
-                options=("eta", "s_noise"), inputs=("seeds",), second_order=True),
-    SamplerSpec("DPM++ 2M SDE", ("dpmpp_2m_sde", "k_dpmpp_2m_sde"), sample_dpmpp_2m_sde, "exponential",
-                options=("eta", "s_noise"), inputs=("seeds",)),
-    SamplerSpec("DPM++ 3M SDE", ("dpmpp_3m_sde", "k_dpmpp_3m_sde"), sample_dpmpp_3m_sde, "exponential",
-                options=("eta", "s_noise"), inputs=("seeds",), discard_penultimate_sigma=True),
-)

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from .common import Callback, Generators, SamplerSpec, randn_like, report
+from .common import Callback, Generators, randn_like, report
 from .denoiser import Denoise
 from .k_samplers import sample_euler, sample_euler_ancestral
 from .schedule import ModelSchedule
@@ -201,15 +201,3 @@ def sample_lcm(
         if s[i + 1] > 0:
             x = x + randn_like(x, generator) * s[i + 1]
     return x
-
-
-SPECS: tuple[SamplerSpec, ...] = (
-    SamplerSpec("DDIM", ("ddim",), sample_ddim, "ddim", vp_start=True, options=("eta",)),
-    SamplerSpec("PLMS", ("plms", "pndm"), sample_plms, "ddim", vp_start=True),
-    SamplerSpec("DDPM", ("ddpm",), sample_ddpm, "leading", vp_start=True),
-    # diffusers' multistep schedulers space steps+1 timesteps and drop the last: that is "leading"
-    # of steps+1 less its penultimate sigma.
-    SamplerSpec("UniPC", ("unipc", "uni_pc"), sample_unipc, "leading", vp_start=True,
-                discard_penultimate_sigma=True),
-    SamplerSpec("LCM", ("lcm",), sample_lcm, "lcm", vp_start=True, inputs=("model_schedule",)),
-)

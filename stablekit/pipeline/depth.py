@@ -28,6 +28,7 @@ from PIL import Image
 from ..checkpoint.files import read_tensors, shapes_of, shown_keys
 from ..models import dpt_keys
 from ..models.dpt import DPTDepthModel, make_div
+from ..models.meta import empty_modules
 
 DEPTH_PREFIX = "depth_model.model."
 DETECTION_KEY = DEPTH_PREFIX + "pretrained.act_postprocess3.0.project.0.bias"
@@ -272,7 +273,7 @@ class DepthEstimator:
 def _build(cfg: DPTConfig, tensors: Mapping[str, torch.Tensor], source: str, extra: list[str], hf: bool,
            dtype: torch.dtype, device: torch.device | str) -> DPTDepthModel:
     """Make the network and load `tensors` strictly, naming missing/unexpected keys and mismatched shapes."""
-    with torch.device("meta"):
+    with empty_modules():
         net = DPTDepthModel(cfg)
     expected = net.state_dict()
     name = (lambda k: dpt_keys.midas_name_to_hf(k) or k) if hf else (lambda k: k)

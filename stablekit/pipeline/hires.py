@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..diffusion.samplers import Callback
+from ..diffusion.common import Callback
 from ..params import HIRES_UPSCALERS, GenerationParams
 from ..prompts import extract_networks
 from .conditioning import TaskContext, denoiser_calls, guided_denoiser

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..diffusion.denoiser import Denoise, MaskedDenoiser, SoftMaskedDenoiser
-from ..diffusion.samplers import Callback
+from ..diffusion.common import Callback
 from ..masks import fill_hole, latent_mask
 from ..params import GenerationParams
 from .conditioning import Pictures, TaskContext, extra_inputs, guided_denoiser

@@ -8,9 +8,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..diffusion.brownian import brownian_noise
-from ..diffusion.common import SamplingStopped
+from ..diffusion.common import Callback, SamplingStopped
 from ..diffusion.denoiser import Denoise
-from ..diffusion.samplers import Callback, SamplerSpec
+from ..diffusion.samplers import SamplerSpec
 from ..diffusion.schedule import ModelSchedule, make_sigmas
 from ..models import StableDiffusionModel
 from ..params import GenerationParams

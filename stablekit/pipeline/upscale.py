@@ -22,7 +22,7 @@ from PIL import Image
 from ..config import LowResConfig, ScheduleConfig
 from ..diffusion.cond import Cond
 from ..diffusion.denoiser import UNetFn
-from ..diffusion.samplers import Callback
+from ..diffusion.common import Callback
 from ..diffusion.schedule import ModelSchedule
 from ..images import to_tensor
 from ..models.vae_tiling import tiled

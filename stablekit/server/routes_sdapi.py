@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends
 
 from ..diffusion.samplers import SAMPLERS
-from ..diffusion.schedule import SCHEDULE_LABELS
+from ..diffusion.schedule_names import SCHEDULE_LABELS
 from ..images import parse_infotext
 from ..params import HIRES_UPSCALERS
 from ..pipeline.hires import LATENT_MODES

@@ -33,7 +33,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     s.add_argument("--device", default="auto")
     s.add_argument("--prediction", choices=["eps", "v"])
-    s.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
+    s.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: the cores other programs leave free, measured at start)")
     s.add_argument("--vae-tiling", action="store_true", help="decode and encode large pictures tile by tile")
     s.add_argument("--vae", type=Path, help="a VAE file (original layout) or diffusers folder replacing the model's")
     s.add_argument("--vae-dir", type=Path, help="VAE files clients may switch to by name (sd_vae; GET /sdapi/v1/sd-vae)")
@@ -59,8 +60,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if args.token is not None and len(args.token) < 8:
         raise ValueError("--token must be at least 8 characters")
     from ..engine import set_threads
+    from ..threads import CpuSample, auto_threads
 
-    set_threads(args.threads)
+    set_threads(args.threads or auto_threads(getattr(args, "cpu_start", None) or CpuSample.now()))
     if args.model is None:
         from ..demo import demo_model
 

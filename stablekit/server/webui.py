@@ -36,7 +36,7 @@ from ..images import parse_infotext
 from ..params import MAX_SEED, Api, GenerationParams, settings
 from ..pipeline.control import ControlUnit
 from ..pipeline.hires import work_sizes
-from ..pipeline.tasks import HIRES_FIELDS, TASKS, Task
+from ..task_table import HIRES_FIELDS, TASKS, Task
 from .api_models import Depth2ImgRequest, Img2ImgRequest, ProcessingFields, Txt2ImgRequest, UpscaleRequest
 from .config import Limits
 from .errors import ApiError

@@ -122,7 +122,8 @@ def save_samples(model: StableDiffusionModel, prompts: list[str], path: Path, si
                  seeds: int = 4, device: torch.device = torch.device("cpu")) -> None:
     """A grid through the real pipeline: one row per prompt, `seeds` columns (DPM++ 2M, 20 steps, CFG 7)."""
     from ..pipeline.conditioning import TaskContext
-    from ..pipeline.tasks import TASKS, run_task
+    from ..pipeline.tasks import run_task
+    from ..task_table import TASKS
 
     was = {m: m.training for m in (model.unet, model.text_encoder)}
     for m in was:
