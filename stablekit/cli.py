@@ -249,11 +249,12 @@ def _threads(args: argparse.Namespace, device: str) -> str:
     from .engine import set_threads
     from .threads import auto_threads, usable_cores
 
-    threads = args.threads or auto_threads(args.cpu_start)
+    chosen = args.threads is None
+    threads = auto_threads(args.cpu_start) if chosen else args.threads
     set_threads(threads)
     if device != "cpu":
         return ""
-    return f", {threads} thread{'s' * (threads > 1)}" + ("" if args.threads else f" of {usable_cores()} cores")
+    return f", {threads} thread{'s' * (threads > 1)}" + (f" of {usable_cores()} cores" if chosen else "")
 
 
 def peak_memory(device) -> str:

@@ -62,7 +62,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     from ..engine import set_threads
     from ..threads import CpuSample, auto_threads
 
-    set_threads(args.threads or auto_threads(getattr(args, "cpu_start", None) or CpuSample.now()))
+    since = getattr(args, "cpu_start", None) or CpuSample.now()
+    set_threads(auto_threads(since) if args.threads is None else args.threads)
     if args.model is None:
         from ..demo import demo_model
 
