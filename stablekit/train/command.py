@@ -1,4 +1,4 @@
-"""`stablekit train ...`: the demo model from scratch, or fine-tuning a checkpoint on a picture folder."""
+"""`stablekit train ...`: the demo model from scratch, or a checkpoint fine-tuned (whole, or a LoRA) on pictures."""
 
 from __future__ import annotations
 
@@ -21,23 +21,35 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
 
     ft = stages.add_parser("finetune", help="fine-tune a checkpoint's UNet on pictures with .txt captions")
-    ft.add_argument("--model", "-m", required=True, help="checkpoint file, diffusers folder or hub repo id")
-    ft.add_argument("--data", type=Path, required=True,
-                    help="folder of pictures, each with a same-name .txt caption (a.png + a.txt)")
-    ft.add_argument("--out", type=Path, required=True, help="run folder; the result is OUT/finetuned.safetensors")
-    ft.add_argument("--steps", type=int, default=1000)
-    ft.add_argument("--batch-size", type=int, default=1)
-    ft.add_argument("--lr", type=float, default=1e-5)
-    ft.add_argument("--size", type=int, default=None, help="training picture size (default: the model's resolution)")
+    _add_data_args(ft, "OUT/finetuned.safetensors", lr=1e-5)
     ft.add_argument("--train-text-encoder", action="store_true")
-    ft.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    ft.add_argument("--prediction", choices=["eps", "v"], help="override the prediction type (weights cannot tell)")
+
+    lora = stages.add_parser("lora", help="train a LoRA (kohya .safetensors) on pictures with .txt captions")
+    _add_data_args(lora, "OUT/NAME.safetensors (NAME: --name, else the folder's name)", lr=1e-4)
+    lora.add_argument("--rank", type=int, default=8, help="the LoRA's dimension (kohya's network_dim)")
+    lora.add_argument("--alpha", type=float, default=None,
+                      help="scale numerator: the branches add alpha/rank times their output (default: rank)")
+    lora.add_argument("--text-encoder", action="store_true", help="also train the text encoder's branches (SD 1.x)")
+    lora.add_argument("--name", default=None, help="the file's name and its ss_output_name")
+
+
+def _add_data_args(p: argparse.ArgumentParser, result: str, lr: float) -> None:
+    p.add_argument("--model", "-m", required=True, help="checkpoint file, diffusers folder or hub repo id")
+    p.add_argument("--data", type=Path, required=True,
+                   help="folder of pictures, each with a same-name .txt caption (a.png + a.txt)")
+    p.add_argument("--out", type=Path, required=True, help=f"run folder (resumable); the result is {result}")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--size", type=int, default=None, help="training picture size (default: the model's resolution)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--prediction", choices=["eps", "v"], help="override the prediction type (weights cannot tell)")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    for name in ("vae_steps", "steps", "pool", "threads", "batch_size", "size"):
+    for name in ("vae_steps", "steps", "pool", "threads", "batch_size", "size", "rank"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -56,6 +68,12 @@ def run(args: argparse.Namespace) -> int:
         if args.pool:
             recipe = replace(recipe, pool=args.pool)
         path = train_demo(args.out, recipe)
+    elif args.train_command == "lora":
+        from .lora import train_lora
+
+        path = train_lora(args.model, args.data, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                          rank=args.rank, alpha=args.alpha, size=args.size, text_encoder=args.text_encoder,
+                          device=args.device, prediction=args.prediction, name=args.name)
     else:
         from .finetune import finetune
 

@@ -8,7 +8,6 @@ single-file layout, so it loads like any downloaded checkpoint. Meant for a GPU:
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import torch
@@ -16,27 +15,9 @@ from safetensors.torch import save_file
 
 from ..checkpoint import load_model
 from ..engine import resolve_device
-from ..images import fit_picture, load_picture, to_tensor
 from .common import StageConfig
+from .data import captioned_batches, captioned_pictures
 from .latent import train_latent_diffusion
-
-PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-
-
-def captioned_pictures(folder: Path) -> list[tuple[Path, str]]:
-    """(picture, caption) pairs: every picture with a same-name .txt beside it; clear errors otherwise."""
-    if not folder.is_dir():
-        raise ValueError(f"{folder}: not a folder")
-    pairs = []
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() in PICTURE_SUFFIXES:
-            text = path.with_suffix(".txt")
-            if not text.is_file():
-                raise ValueError(f"{path.name} has no caption file {text.name}")
-            pairs.append((path, text.read_text(encoding="utf-8").strip()))
-    if not pairs:
-        raise ValueError(f"{folder}: no pictures ({', '.join(PICTURE_SUFFIXES)}) with .txt captions")
-    return pairs
 
 
 def finetune(model: str | Path, data: Path, out: Path, *, steps: int, batch_size: int, lr: float,
@@ -47,24 +28,7 @@ def finetune(model: str | Path, data: Path, out: Path, *, steps: int, batch_size
     loaded = load_model(model, dtype=torch.float32, device=dev, prediction=prediction)
     sd_model = loaded.model
     size = size or loaded.config.resolution
-    if size % 8:
-        raise ValueError(f"--size must be a multiple of 8, got {size}")
-    vae = sd_model.vae
-
-    latents: dict[Path, torch.Tensor] = {}  # each picture is read and encoded once: the fit is deterministic
-
-    @torch.no_grad()
-    def latent_of(path: Path) -> torch.Tensor:
-        if path not in latents:
-            picture = to_tensor(fit_picture(load_picture(path), size, size, "crop-and-resize")).to(dev)
-            latents[path] = vae.encode(picture * 2 - 1)[0] * vae.cfg.scale_factor  # [1, 4, size/8, size/8]
-        return latents[path]
-
-    def batches(step: int) -> tuple[torch.Tensor, list[str]]:
-        rng = random.Random(seed * 1_000_003 + step)
-        chosen = [rng.choice(pairs) for _ in range(batch_size)]
-        return torch.cat([latent_of(p) for p, _ in chosen]), [c for _, c in chosen]
-
+    batches = captioned_batches(pairs, sd_model.vae, size, batch_size, seed, dev)
     stage = StageConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=min(100, steps // 10 + 1),
                         weight_decay=1e-2, sample_every=max(steps // 4, 1), seed=seed)
     train_latent_diffusion(sd_model, batches, stage, out, caption_dropout=0.1, offset_noise=0.0,

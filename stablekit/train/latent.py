@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from ..diffusion.cond import Cond
@@ -37,9 +38,12 @@ def train_latent_diffusion(
     model: StableDiffusionModel, batches: Batches, stage: StageConfig, out: Path, *,
     caption_dropout: float = 0.1, offset_noise: float = 0.1, train_text_encoder: bool = True,
     preview_prompts: list[str] | None = None, preview_size: tuple[int, int] = (64, 64),
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = torch.device("cpu"), trained: dict[str, nn.Module] | None = None,
 ) -> int:
     """Train the UNet (and the text encoder) of `model` in place; returns the steps done so far.
+
+    `trained`: the modules whose parameters learn (default: the UNet, and the text encoder when
+    `train_text_encoder`); LoRA passes its branches, which the model's layers call.
 
     When all steps are done and EMA is on, the model is left holding the averaged weights.
 
@@ -50,7 +54,8 @@ def train_latent_diffusion(
     tokenizer = CLIPTokenizer(pad_id=model.cfg.text.pad_id)
     schedule = ModelSchedule(model.cfg.schedule)
     alphas = schedule.alphas_cumprod.float().to(device)  # [T]
-    trained = {"unet": model.unet} | ({"text": model.text_encoder} if train_text_encoder else {})
+    if trained is None:
+        trained = {"unet": model.unet} | ({"text": model.text_encoder} if train_text_encoder else {})
     params = [p for m in trained.values() for p in m.parameters()]
     for p in params:
         p.requires_grad_(True)

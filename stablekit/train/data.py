@@ -1,0 +1,53 @@
+"""Training data: folders of pictures with same-name .txt captions, encoded once per picture."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..images import fit_picture, load_picture, to_tensor
+from ..models.vae import AutoencoderKL
+
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def captioned_pictures(folder: Path) -> list[tuple[Path, str]]:
+    """(picture, caption) pairs: every picture with a same-name .txt beside it; clear errors otherwise."""
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: not a folder")
+    pairs = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() in PICTURE_SUFFIXES:
+            text = path.with_suffix(".txt")
+            if not text.is_file():
+                raise ValueError(f"{path.name} has no caption file {text.name}")
+            pairs.append((path, text.read_text(encoding="utf-8").strip()))
+    if not pairs:
+        raise ValueError(f"{folder}: no pictures ({', '.join(PICTURE_SUFFIXES)}) with .txt captions")
+    return pairs
+
+
+def captioned_batches(pairs: list[tuple[Path, str]], vae: AutoencoderKL, size: int, batch_size: int, seed: int,
+                      device: torch.device) -> Callable[[int], tuple[torch.Tensor, list[str]]]:
+    """step -> (scaled latents [B, 4, size/8, size/8], captions): pictures drawn by a step-seeded RNG
+    (a resumed run draws the same ones), each fitted to a square (crop-and-resize) and encoded once."""
+    if size % 8:
+        raise ValueError(f"--size must be a multiple of 8, got {size}")
+    latents: dict[Path, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def latent_of(path: Path) -> torch.Tensor:
+        if path not in latents:
+            picture = to_tensor(fit_picture(load_picture(path), size, size, "crop-and-resize")).to(device)
+            latents[path] = vae.encode(picture * 2 - 1)[0] * vae.cfg.scale_factor  # [1, 4, size/8, size/8]
+        return latents[path]
+
+    def batches(step: int) -> tuple[torch.Tensor, list[str]]:
+        rng = random.Random(seed * 1_000_003 + step)
+        chosen = [rng.choice(pairs) for _ in range(batch_size)]
+        return torch.cat([latent_of(p) for p, _ in chosen]), [c for _, c in chosen]
+
+    return batches

@@ -1,0 +1,175 @@
+"""LoRA training (Hu et al. 2021) on a checkpoint, written as the kohya `.safetensors` people share.
+
+Every Linear and 1x1 Conv2d inside the UNet's transformer blocks (proj_in, attn1/attn2 q/k/v/out,
+the feed-forward, proj_out: kohya's default "Transformer2DModel" targets), and optionally the SD 1
+text encoder's attention and MLP, get a parallel low-rank branch W x + (alpha / rank) * up(down(x)).
+`down` starts as kohya's (Kaiming uniform, a = sqrt(5)), `up` at zero, so step 0 is the base model.
+Only the branches train; the base weights are never changed.
+
+The file uses kohya's names in diffusers' block layout (`lora_unet_down_blocks_0_attentions_0_...`,
+`lora_te_text_model_encoder_layers_0_self_attn_q_proj`) with `.lora_down.weight`, `.lora_up.weight`
+and a 0-d `.alpha`, and kohya's `ss_*` metadata, so the web UI, ComfyUI, diffusers'
+`load_lora_weights` and this project's loader read it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..checkpoint import load_model
+from ..engine import resolve_device
+from .common import StageConfig
+from .data import captioned_batches, captioned_pictures
+from .latent import train_latent_diffusion
+
+
+class LoraBranch(nn.Module):
+    """The low-rank branch of one Linear or 1x1 Conv2d; `base` is called unchanged."""
+
+    def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, alpha: float):
+        super().__init__()
+        linear = isinstance(base, nn.Linear)
+        n_in, n_out = (base.in_features, base.out_features) if linear else (base.in_channels, base.out_channels)
+        make = (lambda i, o: nn.Linear(i, o, bias=False)) if linear else (lambda i, o: nn.Conv2d(i, o, 1, bias=False))
+        self.lora_down, self.lora_up = make(n_in, rank), make(rank, n_out)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        self.rank, self.alpha = rank, alpha
+        self.base = [base]  # a list: not a submodule, so its weights are neither trained nor saved here
+        self.base_forward = base.forward
+        base.forward = self.forward  # the model calls the base module; the branch rides along
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_forward(x) + self.lora_up(self.lora_down(x)) * (self.alpha / self.rank)
+
+    def remove(self) -> None:
+        self.base[0].forward = self.base_forward
+
+
+def _unet_targets(unet: nn.Module) -> dict[str, nn.Module]:
+    """Module path -> Linear / 1x1 Conv2d inside each SpatialTransformer."""
+    out = {}
+    for name, m in unet.named_modules():
+        if type(m).__name__ == "SpatialTransformer":
+            for sub, layer in m.named_modules(prefix=name):
+                if isinstance(layer, nn.Linear) or (isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1)):
+                    out[sub] = layer
+    return out
+
+
+def diffusers_unet_name(path: str, num_res_blocks: int) -> str:
+    """An LDM UNet module path -> the diffusers one kohya names (input_blocks.4.1.X -> down_blocks.1.attentions.1.X)."""
+    n = num_res_blocks + 1
+    if m := re.fullmatch(r"input_blocks\.(\d+)\.1\.(.+)", path):
+        i = int(m[1]) - 1
+        return f"down_blocks.{i // n}.attentions.{i % n}.{m[2]}"
+    if m := re.fullmatch(r"middle_block\.1\.(.+)", path):
+        return f"mid_block.attentions.0.{m[1]}"
+    if m := re.fullmatch(r"output_blocks\.(\d+)\.1\.(.+)", path):
+        i = int(m[1])
+        return f"up_blocks.{i // n}.attentions.{i % n}.{m[2]}"
+    raise ValueError(f"not a transformer layer of the UNet: {path}")
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float, text_encoder: bool = False) -> nn.ModuleDict:
+    """Branches on the model's UNet (and text encoder); keys are the kohya module names."""
+    if rank < 1:
+        raise ValueError(f"--rank must be at least 1, got {rank}")
+    cfg = model.cfg
+    branches = {}
+    for path, layer in _unet_targets(model.unet).items():
+        name = "lora_unet_" + diffusers_unet_name(path, cfg.unet.num_res_blocks).replace(".", "_")
+        branches[name] = LoraBranch(layer, rank, alpha)
+    if text_encoder:
+        if cfg.text.layout != "clip":
+            raise ValueError("--text-encoder LoRA is for SD 1.x text encoders (CLIP ViT-L) here; SD 2's OpenCLIP "
+                             "fuses q/k/v and is not trained")
+        for path, layer in model.text_encoder.named_modules():
+            m = re.fullmatch(r"transformer\.text_model\.(encoder\.layers\.\d+\.(?:self_attn\.\w+_proj|mlp\.fc[12]))",
+                             path)
+            if m and isinstance(layer, nn.Linear):
+                branches["lora_te_text_model_" + m[1].replace(".", "_")] = LoraBranch(layer, rank, alpha)
+    # ModuleDict keys cannot contain dots; kohya names have none
+    return nn.ModuleDict(branches)
+
+
+def kohya_tensors(branches: nn.ModuleDict, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, b in branches.items():
+        out[f"{name}.lora_down.weight"] = b.lora_down.weight.detach().to("cpu", dtype).contiguous()
+        out[f"{name}.lora_up.weight"] = b.lora_up.weight.detach().to("cpu", dtype).contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(b.alpha), dtype=dtype)
+    return out
+
+
+def kohya_metadata(*, family: str, rank: int, alpha: float, steps: int, lr: float, resolution: int,
+                   text_encoder: bool, name: str, captions: list[str]) -> dict[str, str]:
+    """The `ss_*` training keys kohya's sd-scripts write and the web UI shows, plus the modelspec ones."""
+    tags: dict[str, int] = {}
+    for caption in captions:
+        for tag in (t.strip() for t in caption.split(",")):
+            if tag:
+                tags[tag] = tags.get(tag, 0) + 1
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
+        "ss_base_model_version": "sd_v1" if family == "sd1" else "sd_2.0",
+        "ss_v2": str(family != "sd1"),
+        "ss_resolution": f"({resolution}, {resolution})",
+        "ss_max_train_steps": str(steps),
+        "ss_learning_rate": str(lr),
+        "ss_unet_lr": str(lr),
+        "ss_text_encoder_lr": str(lr) if text_encoder else "0",
+        "ss_network_train_unet_only": str(not text_encoder),
+        "ss_output_name": name,
+        "ss_num_train_images": str(len(captions)),
+        "ss_tag_frequency": json.dumps({"data": tags}),
+        "ss_training_comment": "trained with stablekit train lora",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": ("stable-diffusion-v1" if family == "sd1" else "stable-diffusion-v2-512") + "/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": name,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+    }
+
+
+def train_lora(model: str | Path, data: Path, out: Path, *, steps: int, batch_size: int, lr: float,
+               rank: int = 8, alpha: float | None = None, size: int | None = None, text_encoder: bool = False,
+               device: str = "auto", prediction: str | None = None, seed: int = 0, name: str | None = None,
+               stop_after: int | None = None) -> Path | None:
+    """Train LoRA branches on `data` (pictures with same-name .txt captions); resumable from `out`.
+
+    Writes out/NAME.safetensors (kohya format, fp16) and returns its path; None when `stop_after`
+    ended the run early (its state is saved: the same call without it carries on)."""
+    dev = resolve_device(device)
+    pairs = captioned_pictures(data)
+    loaded = load_model(model, dtype=torch.float32, device=dev, prediction=prediction)
+    sd_model = loaded.model
+    size = size or loaded.config.resolution
+    alpha = float(rank if alpha is None else alpha)
+    torch.manual_seed(seed)  # the down projections' start
+    branches = add_lora(sd_model, rank, alpha, text_encoder).to(dev)
+    batches = captioned_batches(pairs, sd_model.vae, size, batch_size, seed, dev)
+    stage = StageConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=min(100, steps // 10 + 1),
+                        weight_decay=0.0, sample_every=max(steps // 4, 1), seed=seed, stop_after=stop_after)
+    done = train_latent_diffusion(sd_model, batches, stage, out, caption_dropout=0.0, offset_noise=0.0,
+                                  trained={"lora": branches}, preview_prompts=[c for _, c in pairs[:2]],
+                                  preview_size=(size, size), device=dev)
+    if done < steps:
+        return None
+    name = name or out.name
+    path = out / f"{name}.safetensors"
+    meta = kohya_metadata(family=loaded.config.family, rank=rank, alpha=alpha, steps=steps, lr=lr, resolution=size,
+                          text_encoder=text_encoder, name=name, captions=[c for _, c in pairs])
+    save_file(kohya_tensors(branches), str(path), metadata=meta)
+    for b in branches.values():
+        b.remove()
+    return path
