@@ -165,7 +165,7 @@ def test_the_rates_tool_measures_every_shape_and_place(engine):
     from stablekit.demo.rates import PLACE_WORDS, measure
     from stablekit.demo.shapes import SHAPES
 
-    rates = measure(engine, seeds=2, steps=6)
+    rates = measure(engine, seeds=2, steps=20)
     assert set(rates.per_shape) == set(SHAPES) and set(rates.per_place) == set(PLACE_WORDS)
     assert all(v in (0.0, 0.5, 1.0) for v in (*rates.per_shape.values(), *rates.per_place.values()))
-    assert 0.5 <= rates.colour <= 1.0  # the v1 model's colour adherence holds at few steps (98% at 20)
+    assert 0.75 <= rates.colour <= 1.0  # the v1 model follows colours (98% over 20 seeds)
