@@ -32,6 +32,28 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     lora.add_argument("--text-encoder", action="store_true", help="also train the text encoder's branches (SD 1.x)")
     lora.add_argument("--name", default=None, help="the file's name and its ss_output_name")
 
+    db = stages.add_parser("dreambooth", help="DreamBooth: a subject from a few pictures, with prior preservation")
+    db.add_argument("--model", "-m", required=True, help="checkpoint file, diffusers folder or hub repo id")
+    db.add_argument("--instance-data", type=Path, required=True, help="folder of the subject's pictures")
+    db.add_argument("--instance-prompt", required=True, help='their caption, e.g. "a photo of sks dog"')
+    db.add_argument("--class-prompt", default=None, help='prior preservation\'s prompt, e.g. "a photo of dog"')
+    db.add_argument("--class-data", type=Path, default=None,
+                    help="class pictures; topped up by the model itself (default folder: OUT/class-pictures)")
+    db.add_argument("--num-class-images", type=int, default=100)
+    db.add_argument("--prior-loss-weight", type=float, default=1.0)
+    db.add_argument("--out", type=Path, required=True,
+                    help="run folder (resumable); the result is OUT/dreambooth.safetensors")
+    db.add_argument("--steps", type=int, default=400)
+    db.add_argument("--batch-size", type=int, default=1)
+    db.add_argument("--lr", type=float, default=None, help="default 5e-6, or 1e-4 with --lora")
+    db.add_argument("--size", type=int, default=None, help="training picture size (default: the model's resolution)")
+    db.add_argument("--train-text-encoder", action="store_true")
+    db.add_argument("--lora", action="store_true", help="train LoRA branches and write a kohya file")
+    db.add_argument("--rank", type=int, default=8)
+    db.add_argument("--alpha", type=float, default=None)
+    db.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    db.add_argument("--prediction", choices=["eps", "v"], help="override the prediction type (weights cannot tell)")
+
 
 def _add_data_args(p: argparse.ArgumentParser, result: str, lr: float) -> None:
     p.add_argument("--model", "-m", required=True, help="checkpoint file, diffusers folder or hub repo id")
@@ -49,11 +71,11 @@ def _add_data_args(p: argparse.ArgumentParser, result: str, lr: float) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    for name in ("vae_steps", "steps", "pool", "threads", "batch_size", "size", "rank"):
+    for name in ("vae_steps", "steps", "pool", "threads", "batch_size", "size", "rank", "num_class_images"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if getattr(args, "lr", 1.0) <= 0:
+    if getattr(args, "lr", None) is not None and args.lr <= 0:
         raise ValueError(f"--lr must be positive, got {args.lr}")
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
@@ -68,6 +90,15 @@ def run(args: argparse.Namespace) -> int:
         if args.pool:
             recipe = replace(recipe, pool=args.pool)
         path = train_demo(args.out, recipe)
+    elif args.train_command == "dreambooth":
+        from .dreambooth import train_dreambooth
+
+        path = train_dreambooth(
+            args.model, args.instance_data, args.instance_prompt, args.out, steps=args.steps,
+            batch_size=args.batch_size, lr=(1e-4 if args.lora else 5e-6) if args.lr is None else args.lr, size=args.size,
+            class_prompt=args.class_prompt, class_data=args.class_data, num_class_images=args.num_class_images,
+            prior_loss_weight=args.prior_loss_weight, train_text_encoder=args.train_text_encoder, lora=args.lora,
+            rank=args.rank, alpha=args.alpha, device=args.device, prediction=args.prediction)
     elif args.train_command == "lora":
         from .lora import train_lora
 

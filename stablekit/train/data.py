@@ -30,6 +30,16 @@ def captioned_pictures(folder: Path) -> list[tuple[Path, str]]:
     return pairs
 
 
+def pictures_in(folder: Path) -> list[Path]:
+    """The pictures of a folder (captions not needed); a clear error when there are none."""
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: not a folder")
+    found = [p for p in sorted(folder.iterdir()) if p.suffix.lower() in PICTURE_SUFFIXES]
+    if not found:
+        raise ValueError(f"{folder}: no pictures ({', '.join(PICTURE_SUFFIXES)})")
+    return found
+
+
 def captioned_batches(pairs: list[tuple[Path, str]], vae: AutoencoderKL, size: int, batch_size: int, seed: int,
                       device: torch.device) -> Callable[[int], tuple[torch.Tensor, list[str]]]:
     """step -> (scaled latents [B, 4, size/8, size/8], captions): pictures drawn by a step-seeded RNG

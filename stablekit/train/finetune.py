@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..checkpoint import load_model
+from ..checkpoint import LoadedModel, load_model
 from ..engine import resolve_device
 from .common import StageConfig
 from .data import captioned_batches, captioned_pictures
@@ -34,8 +34,12 @@ def finetune(model: str | Path, data: Path, out: Path, *, steps: int, batch_size
     train_latent_diffusion(sd_model, batches, stage, out, caption_dropout=0.1, offset_noise=0.0,
                            train_text_encoder=train_text_encoder, preview_prompts=[c for _, c in pairs[:2]],
                            preview_size=(size, size), device=dev)
-    path = out / "finetuned.safetensors"
-    save_file({k: v.detach().cpu().contiguous() for k, v in sd_model.state_dict().items()}, str(path))
+    return export_checkpoint(loaded, out / "finetuned.safetensors")
+
+
+def export_checkpoint(loaded: LoadedModel, path: Path) -> Path:
+    """The model as an original-layout single file, with the source's .yaml beside it when it had one."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in loaded.model.state_dict().items()}, str(path))
     source_yaml = loaded.path.with_suffix(".yaml") if loaded.path and loaded.path.is_file() else None
     if source_yaml and source_yaml.is_file():  # what the weights cannot tell stays true of the result
         path.with_suffix(".yaml").write_text(source_yaml.read_text())

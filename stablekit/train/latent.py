@@ -31,7 +31,9 @@ from ..models.tokenizer import CLIPTokenizer
 from ..params import GenerationParams
 from .common import EMA, LossLog, StageConfig, grid, load_state, save_state, set_lr
 
-Batches = Callable[[int], tuple[torch.Tensor, list[str]]]  # step -> (scaled latents [B,4,h,w], captions)
+# step -> (scaled latents [B,4,h,w], captions) or (latents, captions, weights [B]): with weights the loss
+# is sum_i w_i * mse_i (per-sample MSE), as DreamBooth's prior preservation weighs its two halves
+Batches = Callable[[int], tuple]
 
 
 def train_latent_diffusion(
@@ -71,7 +73,7 @@ def train_latent_diffusion(
     for step in bar:
         generator.manual_seed(stage.seed * 1_000_003 + step)  # resumable: randomness depends on the step only
         rng = random.Random(stage.seed * 1_000_003 + step)
-        x0, captions = batches(step)
+        x0, captions, *weights = batches(step)
         x0 = x0.to(device)
         b = x0.shape[0]
         captions = ["" if rng.random() < caption_dropout else c for c in captions]
@@ -83,7 +85,11 @@ def train_latent_diffusion(
         a = alphas[t].view(b, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
         context = model.text_encoder(tokenizer(captions).to(device))
-        loss = F.mse_loss(model.unet(x_t, t.float(), Cond(context)), eps)
+        prediction = model.unet(x_t, t.float(), Cond(context))
+        if weights:
+            loss = (F.mse_loss(prediction, eps, reduction="none").mean(dim=(1, 2, 3)) * weights[0].to(device)).sum()
+        else:
+            loss = F.mse_loss(prediction, eps)
         set_lr(optimizer, stage.lr_at(step))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

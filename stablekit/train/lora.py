@@ -166,10 +166,14 @@ def train_lora(model: str | Path, data: Path, out: Path, *, steps: int, batch_si
     if done < steps:
         return None
     name = name or out.name
-    path = out / f"{name}.safetensors"
     meta = kohya_metadata(family=loaded.config.family, rank=rank, alpha=alpha, steps=steps, lr=lr, resolution=size,
                           text_encoder=text_encoder, name=name, captions=[c for _, c in pairs])
-    save_file(kohya_tensors(branches), str(path), metadata=meta)
+    return write_lora(branches, out / f"{name}.safetensors", meta)
+
+
+def write_lora(branches: nn.ModuleDict, path: Path, metadata: dict[str, str]) -> Path:
+    """Save the branches as a kohya file and take them off the model's layers."""
+    save_file(kohya_tensors(branches), str(path), metadata=metadata)
     for b in branches.values():
         b.remove()
     return path
