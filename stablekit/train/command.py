@@ -54,6 +54,12 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     db.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     db.add_argument("--prediction", choices=["eps", "v"], help="override the prediction type (weights cannot tell)")
 
+    emb = stages.add_parser("embedding", help="textual inversion: new vectors for a token (the web UI's .safetensors)")
+    _add_data_args(emb, "OUT/TOKEN.safetensors", lr=5e-3)
+    emb.add_argument("--token", required=True, help="the trigger word; every caption must contain it")
+    emb.add_argument("--init-word", default="*", help="the vectors start from this word's token embeddings")
+    emb.add_argument("--vectors", type=int, default=1, help="vectors per token")
+
 
 def _add_data_args(p: argparse.ArgumentParser, result: str, lr: float) -> None:
     p.add_argument("--model", "-m", required=True, help="checkpoint file, diffusers folder or hub repo id")
@@ -95,10 +101,18 @@ def run(args: argparse.Namespace) -> int:
 
         path = train_dreambooth(
             args.model, args.instance_data, args.instance_prompt, args.out, steps=args.steps,
-            batch_size=args.batch_size, lr=(1e-4 if args.lora else 5e-6) if args.lr is None else args.lr, size=args.size,
+            batch_size=args.batch_size, lr=(1e-4 if args.lora else 5e-6) if args.lr is None else args.lr,
+            size=args.size,
             class_prompt=args.class_prompt, class_data=args.class_data, num_class_images=args.num_class_images,
             prior_loss_weight=args.prior_loss_weight, train_text_encoder=args.train_text_encoder, lora=args.lora,
             rank=args.rank, alpha=args.alpha, device=args.device, prediction=args.prediction)
+    elif args.train_command == "embedding":
+        from .embedding import train_embedding
+
+        path = train_embedding(args.model, args.data, args.out, args.token, steps=args.steps,
+                               batch_size=args.batch_size, lr=args.lr, vectors=args.vectors,
+                               init_word=args.init_word, size=args.size, device=args.device,
+                               prediction=args.prediction)
     elif args.train_command == "lora":
         from .lora import train_lora
 

@@ -41,11 +41,14 @@ def train_latent_diffusion(
     caption_dropout: float = 0.1, offset_noise: float = 0.1, train_text_encoder: bool = True,
     preview_prompts: list[str] | None = None, preview_size: tuple[int, int] = (64, 64),
     device: torch.device = torch.device("cpu"), trained: dict[str, nn.Module] | None = None,
+    encode_captions: Callable[[list[str]], torch.Tensor] | None = None,
 ) -> int:
     """Train the UNet (and the text encoder) of `model` in place; returns the steps done so far.
 
     `trained`: the modules whose parameters learn (default: the UNet, and the text encoder when
     `train_text_encoder`); LoRA passes its branches, which the model's layers call.
+    `encode_captions`: captions -> text context (default: tokenized and encoded by the model's text
+    encoder); textual inversion passes one that puts its learned vectors in.
 
     When all steps are done and EMA is on, the model is left holding the averaged weights.
 
@@ -84,7 +87,10 @@ def train_latent_diffusion(
         t, eps = t.to(device), eps.to(device)
         a = alphas[t].view(b, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        context = model.text_encoder(tokenizer(captions).to(device))
+        if encode_captions is not None:
+            context = encode_captions(captions)
+        else:
+            context = model.text_encoder(tokenizer(captions).to(device))
         prediction = model.unet(x_t, t.float(), Cond(context))
         if weights:
             loss = (F.mse_loss(prediction, eps, reduction="none").mean(dim=(1, 2, 3)) * weights[0].to(device)).sum()
