@@ -1,5 +1,5 @@
 """The demo-model proof of the training commands, shortened for CI (the full run: python -m
-stablekit.demo.proof, 300 steps and 20 seeds, figures in the README): a new word is learned by a LoRA and
+stablekit.demo.proof, 20 seeds, figures in the README): a new word is learned by a LoRA and
 by DreamBooth, and used through <lora:...> tags, while the prompts seen in training keep their colours."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from stablekit.demo.proof import prove
 
 
 def test_the_demo_model_learns_zorp_with_lora_and_dreambooth(tmp_path):
-    rates = prove(tmp_path, steps=150, seeds=10, num_class_images=8)
+    rates = prove(tmp_path, steps=300, seeds=10, num_class_images=16)
     before, lora, dreambooth = rates["before"], rates["zorp"], rates["zorp-db"]
     print(f"\n[zorp] orange: before {before.orange:.0%}, LoRA {lora.orange:.0%}, DreamBooth {dreambooth.orange:.0%}; "
           f"seen colours {before.seen_colours:.0%} -> {lora.seen_colours:.0%} / {dreambooth.seen_colours:.0%}")
