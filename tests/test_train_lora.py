@@ -107,3 +107,22 @@ def test_lora_names_follow_diffusers_blocks_and_bad_settings_are_clear(tiny_mode
             "--out", str(tmp_path / "o"), "--steps", "1", "--size", "64", "--device", "cpu"]
     assert main(base + ["--rank", "0"]) == 2 and "--rank must be at least 1" in capsys.readouterr().err
     assert main(base + ["--text-encoder"]) == 2 and "SD 1.x text encoders" in capsys.readouterr().err
+
+
+def test_flips_caption_dropout_ema_and_the_loss_plot(tiny_models, tmp_path, capsys):
+    from stablekit.train.data import captioned_batches
+
+    tiny = tiny_models["sd1"]
+    data = _data(tmp_path / "data")
+    model = load_model(tiny.single_file).model
+    pairs = [(data / f"p{i}.png", f"c{i}") for i in range(3)]
+    plain = captioned_batches(pairs, model.vae, 64, 8, 0, torch.device("cpu"))(0)[0]
+    flipped = captioned_batches(pairs, model.vae, 64, 8, 0, torch.device("cpu"), flip=True)(0)[0]
+    assert not torch.equal(plain, flipped)  # some of the 8 draws are mirrored pictures' latents
+    out = tmp_path / "run"
+    args = ["train", "lora", "--model", str(tiny.single_file), "--data", str(data), "--out", str(out), "--steps",
+            "30", "--size", "64", "--device", "cpu", "--flip", "--caption-dropout", "0.2", "--ema", "0.9"]
+    assert main(args) == 0
+    assert (out / f"{out.name}.safetensors").is_file()
+    assert Image.open(out / "diffusion-loss.png").size == (640, 320)
+    assert main(args[:-2] + ["--ema", "1.5"]) == 2 and "--ema must be at least 0" in capsys.readouterr().err

@@ -21,7 +21,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
 
     ft = stages.add_parser("finetune", help="fine-tune a checkpoint's UNet on pictures with .txt captions")
-    _add_data_args(ft, "OUT/finetuned.safetensors", lr=1e-5)
+    _add_data_args(ft, "OUT/finetuned.safetensors", lr=1e-5, caption_dropout=0.1)
     ft.add_argument("--train-text-encoder", action="store_true")
 
     lora = stages.add_parser("lora", help="train a LoRA (kohya .safetensors) on pictures with .txt captions")
@@ -61,7 +61,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     emb.add_argument("--vectors", type=int, default=1, help="vectors per token")
 
 
-def _add_data_args(p: argparse.ArgumentParser, result: str, lr: float) -> None:
+def _add_data_args(p: argparse.ArgumentParser, result: str, lr: float, caption_dropout: float = 0.0) -> None:
     p.add_argument("--model", "-m", required=True, help="checkpoint file, diffusers folder or hub repo id")
     p.add_argument("--data", type=Path, required=True,
                    help="folder of pictures, each with a same-name .txt caption (a.png + a.txt)")
@@ -72,6 +72,18 @@ def _add_data_args(p: argparse.ArgumentParser, result: str, lr: float) -> None:
     p.add_argument("--size", type=int, default=None, help="training picture size (default: the model's resolution)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--prediction", choices=["eps", "v"], help="override the prediction type (weights cannot tell)")
+    p.add_argument("--caption-dropout", type=float, default=caption_dropout,
+                   help="probability of training a picture with an empty caption")
+    p.add_argument("--flip", action="store_true", help="mirror pictures left-right at random")
+    p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the trained weights (0: none), e.g. 0.999")
+
+
+def _data_options(args: argparse.Namespace) -> dict:
+    if not 0 <= args.caption_dropout <= 1:
+        raise ValueError(f"--caption-dropout must be between 0 and 1, got {args.caption_dropout}")
+    if not 0 <= args.ema < 1:
+        raise ValueError(f"--ema must be at least 0 and below 1, got {args.ema}")
+    return {"caption_dropout": args.caption_dropout, "flip": args.flip, "ema": args.ema}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,19 +124,20 @@ def run(args: argparse.Namespace) -> int:
         path = train_embedding(args.model, args.data, args.out, args.token, steps=args.steps,
                                batch_size=args.batch_size, lr=args.lr, vectors=args.vectors,
                                init_word=args.init_word, size=args.size, device=args.device,
-                               prediction=args.prediction)
+                               prediction=args.prediction, **_data_options(args))
     elif args.train_command == "lora":
         from .lora import train_lora
 
         path = train_lora(args.model, args.data, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                           rank=args.rank, alpha=args.alpha, size=args.size, text_encoder=args.text_encoder,
-                          device=args.device, prediction=args.prediction, name=args.name)
+                          device=args.device, prediction=args.prediction, name=args.name,
+                          **_data_options(args))
     else:
         from .finetune import finetune
 
         path = finetune(args.model, args.data, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         size=args.size, train_text_encoder=args.train_text_encoder, device=args.device,
-                        prediction=args.prediction)
+                        prediction=args.prediction, **_data_options(args))
     if path is None:
         print(f"stablekit: stopped early; run the same command again to resume from {args.out}", file=sys.stderr)
         return 0

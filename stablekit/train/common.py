@@ -123,3 +123,27 @@ def grid(pictures: torch.Tensor, columns: int) -> torch.Tensor:
         r, k = divmod(i, columns)
         out[:, r * h:(r + 1) * h, k * w:(k + 1) * w] = pictures[i]
     return out
+
+
+def plot_losses(log: Path, png: Path, key: str = "mse", size: tuple[int, int] = (640, 320)) -> Path | None:
+    """A PNG of a LossLog's `key` against the step (log-scaled loss), beside the log; None without points."""
+    from PIL import Image, ImageDraw
+
+    rows = [json.loads(line) for line in log.read_text().splitlines()[1:]]
+    points = [(r["step"], r[key]) for r in rows if r.get(key, 0) > 0]
+    if len(points) < 2:
+        return None
+    w, h, pad = *size, 40
+    steps, values = [p[0] for p in points], [math.log10(p[1]) for p in points]
+    lo, hi = min(values), max(values)
+    span_x, span_y = max(steps[-1] - steps[0], 1), max(hi - lo, 1e-6)
+    xy = [(pad + (s - steps[0]) / span_x * (w - 2 * pad), h - pad - (v - lo) / span_y * (h - 2 * pad))
+          for s, v in zip(steps, values)]
+    image = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((pad, pad, w - pad, h - pad), outline=(180, 180, 180))
+    draw.line(xy, fill=(30, 80, 200), width=2)
+    draw.text((pad, 8), f"{key} (log scale) {10 ** hi:.4g} .. {10 ** lo:.4g}; steps {steps[0]}..{steps[-1]}",
+              fill="black")
+    image.save(png)
+    return png

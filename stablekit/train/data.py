@@ -41,23 +41,26 @@ def pictures_in(folder: Path) -> list[Path]:
 
 
 def captioned_batches(pairs: list[tuple[Path, str]], vae: AutoencoderKL, size: int, batch_size: int, seed: int,
-                      device: torch.device) -> Callable[[int], tuple[torch.Tensor, list[str]]]:
+                      device: torch.device, flip: bool = False) -> Callable[[int], tuple[torch.Tensor, list[str]]]:
     """step -> (scaled latents [B, 4, size/8, size/8], captions): pictures drawn by a step-seeded RNG
-    (a resumed run draws the same ones), each fitted to a square (crop-and-resize) and encoded once."""
+    (a resumed run draws the same ones), each fitted to a square (crop-and-resize) and encoded once;
+    with `flip`, each draw is mirrored left-right with probability 1/2 (the mirror encoded once too)."""
     if size % 8:
         raise ValueError(f"--size must be a multiple of 8, got {size}")
-    latents: dict[Path, torch.Tensor] = {}
+    latents: dict[tuple[Path, bool], torch.Tensor] = {}
 
     @torch.no_grad()
-    def latent_of(path: Path) -> torch.Tensor:
-        if path not in latents:
+    def latent_of(path: Path, mirrored: bool) -> torch.Tensor:
+        if (path, mirrored) not in latents:
             picture = to_tensor(fit_picture(load_picture(path), size, size, "crop-and-resize")).to(device)
-            latents[path] = vae.encode(picture * 2 - 1)[0] * vae.cfg.scale_factor  # [1, 4, size/8, size/8]
-        return latents[path]
+            if mirrored:
+                picture = picture.flip(-1)
+            latents[path, mirrored] = vae.encode(picture * 2 - 1)[0] * vae.cfg.scale_factor  # [1, 4, size/8, size/8]
+        return latents[path, mirrored]
 
     def batches(step: int) -> tuple[torch.Tensor, list[str]]:
         rng = random.Random(seed * 1_000_003 + step)
-        chosen = [rng.choice(pairs) for _ in range(batch_size)]
-        return torch.cat([latent_of(p) for p, _ in chosen]), [c for _, c in chosen]
+        chosen = [(rng.choice(pairs), flip and rng.random() < 0.5) for _ in range(batch_size)]
+        return torch.cat([latent_of(p, m) for (p, _), m in chosen]), [c for (_, c), _ in chosen]
 
     return batches

@@ -29,7 +29,7 @@ from ..images import to_pil
 from ..models import StableDiffusionModel
 from ..models.tokenizer import CLIPTokenizer
 from ..params import GenerationParams
-from .common import EMA, LossLog, StageConfig, grid, load_state, save_state, set_lr
+from .common import EMA, LossLog, StageConfig, grid, load_state, plot_losses, save_state, set_lr
 
 # step -> (scaled latents [B,4,h,w], captions) or (latents, captions, weights [B]): with weights the loss
 # is sum_i w_i * mse_i (per-sample MSE), as DreamBooth's prior preservation weighs its two halves
@@ -114,6 +114,7 @@ def train_latent_diffusion(
                 save_samples(model, preview_prompts, out / f"samples-{done:06d}.png", preview_size, device=device)
     for m in trained.values():
         m.eval()
+    plot_losses(log.path, out / "diffusion-loss.png")
     done = max(start, stage.end)
     if ema is not None and done == stage.steps:  # the result is the averaged weights
         ema.swap()
