@@ -59,8 +59,23 @@ def word_rates(engine, seeds: int = 20, tag: str = "", seed: int = 2000) -> Word
                      sum(seen) / len(seen))
 
 
-def prove(out: Path, steps: int = 300, seeds: int = 20, num_class_images: int = 16) -> dict[str, WordRates]:
-    """Rates before training, with the trained LoRA, and with the DreamBooth LoRA (as <lora:...> tags)."""
+def picture_rows(engine, tags: list[str], columns: int = 8, seed: int = 2000):
+    """One row per tag of the word's pictures (the first `columns` seeds of the rates), as one picture."""
+    from PIL import Image
+
+    rows = [engine.txt2img(prompt=WORD_PROMPT + tag, seed=seed, batch_size=columns) for tag in tags]
+    w, h = rows[0][0].size
+    sheet = Image.new("RGB", (columns * w, len(rows) * h))
+    for r, row in enumerate(rows):
+        for c, picture in enumerate(row):
+            sheet.paste(picture, (c * w, r * h))
+    return sheet
+
+
+def prove(out: Path, steps: int = 300, seeds: int = 20, num_class_images: int = 16,
+          pictures: Path | None = None) -> dict[str, WordRates]:
+    """Rates before training, with the trained LoRA, and with the DreamBooth LoRA (as <lora:...> tags);
+    `pictures`: also save the rows before / LoRA / DreamBooth there (PNG)."""
     import stablekit
 
     from ..train.dreambooth import train_dreambooth
@@ -80,6 +95,8 @@ def prove(out: Path, steps: int = 300, seeds: int = 20, num_class_images: int = 
     rates = {"before": word_rates(engine, seeds)}
     for name in ("zorp", "zorp-db"):
         rates[name] = word_rates(engine, seeds, f" <lora:{name}:1>")
+    if pictures is not None:
+        picture_rows(engine, ["", " <lora:zorp:1>", " <lora:zorp-db:1>"]).save(pictures)
     return rates
 
 
@@ -89,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/zorp"))
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--pictures", type=Path, default=None,
+                    help="a PNG of the word's pictures: before, with the LoRA, with the DreamBooth LoRA")
     args = ap.parse_args(argv)
-    for name, r in prove(args.out, args.steps, args.seeds).items():
+    for name, r in prove(args.out, args.steps, args.seeds, pictures=args.pictures).items():
         print(f"{name:10} '{WORD_PROMPT}': orange {r.orange:.0%}, orange ring {r.ring:.0%}; "
               f"seen prompts' colours {r.seen_colours:.0%}")
     return 0
