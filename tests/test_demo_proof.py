@@ -4,7 +4,11 @@ by DreamBooth, and used through <lora:...> tags, while the prompts seen in train
 
 from __future__ import annotations
 
-from stablekit.demo.proof import prove
+from stablekit.demo import demo_model
+from stablekit.demo.analyse import describe
+from stablekit.demo.proof import WORD_PROMPT, prove
+
+from .server_support import Server, from_b64
 
 
 def test_the_demo_model_learns_zorp_with_lora_and_dreambooth(tmp_path):
@@ -15,3 +19,16 @@ def test_the_demo_model_learns_zorp_with_lora_and_dreambooth(tmp_path):
     assert before.orange <= 0.2
     assert lora.orange >= 0.7 and dreambooth.orange >= 0.6
     assert min(lora.seen_colours, dreambooth.seen_colours) >= 0.8 and before.seen_colours >= 0.9
+
+    # the same LoRA file through the web-UI API, as a prompt tag
+    server = Server(demo_model(), tmp_path, "--lora-dir", str(tmp_path / "loras"), env={"OMP_NUM_THREADS": "1"})
+    try:
+        status, body, _ = server.request("POST", "/sdapi/v1/txt2img", {
+            "prompt": WORD_PROMPT + " <lora:zorp:1>", "seed": 2000, "batch_size": 10, "steps": 20,
+            "width": 64, "height": 64, "sampler_name": "DPM++ 2M"})
+    finally:
+        server.stop()
+    assert status == 200
+    orange = sum(describe(from_b64(im)).foreground == "orange" for im in body["images"]) / 10
+    print(f"[zorp] through /sdapi/v1/txt2img with <lora:zorp:1>: orange {orange:.0%}")
+    assert orange >= 0.7

@@ -59,7 +59,7 @@ def test_a_trained_lora_lowers_the_loss_and_loads_here_and_in_diffusers(tiny_mod
     out = tmp_path / "run"
     assert main(["train", "lora", "--model", str(tiny.single_file), "--data", str(data), "--out", str(out),
                  "--steps", "60", "--size", "64", "--lr", "3e-3", "--rank", "4", "--alpha", "2", "--text-encoder",
-                 "--device", "cpu", "--name", "zorp"]) == 0
+                 "--device", "cpu", "--name", "zorp", "--peft"]) == 0
     path = out / "zorp.safetensors"
     assert capsys.readouterr().out.strip() == str(path)
     with safe_open(str(path), "pt") as f:
@@ -78,10 +78,13 @@ def test_a_trained_lora_lowers_the_loss_and_loads_here_and_in_diffusers(tiny_mod
     print(f"\n[train lora] fixed-batch loss {before:.4f} -> {after:.4f}")
     assert after < 0.9 * before
 
-    pipe = pipe_for(tiny)
-    pipe.load_lora_weights(str(out), weight_name=path.name)
-    pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0)
-    assert_matches_reference(tiny, model, pipe, base, "trained kohya file")
+    for name in (path.name, "pytorch_lora_weights.safetensors"):  # the kohya file and the diffusers/PEFT copy
+        pipe = pipe_for(tiny)
+        pipe.load_lora_weights(str(out), weight_name=name)
+        pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0)
+        assert_matches_reference(tiny, model, pipe, base, f"trained {name}")
+    peft = read_lora(out / "pytorch_lora_weights.safetensors")  # and this project reads the copy alike
+    assert {m.scale for m in peft.modules.values()} == {0.5} and len(peft.modules) == len(lora.modules)
 
 
 def test_resuming_a_stopped_run_equals_running_through(tiny_models, tmp_path):

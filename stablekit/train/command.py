@@ -31,6 +31,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                       help="scale numerator: the branches add alpha/rank times their output (default: rank)")
     lora.add_argument("--text-encoder", action="store_true", help="also train the text encoder's branches (SD 1.x)")
     lora.add_argument("--name", default=None, help="the file's name and its ss_output_name")
+    lora.add_argument("--peft", action="store_true",
+                      help="also write a diffusers/PEFT copy, OUT/pytorch_lora_weights.safetensors")
 
     db = stages.add_parser("dreambooth", help="DreamBooth: a subject from a few pictures, with prior preservation")
     db.add_argument("--model", "-m", required=True, help="checkpoint file, diffusers folder or hub repo id")
@@ -130,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
 
         path = train_lora(args.model, args.data, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                           rank=args.rank, alpha=args.alpha, size=args.size, text_encoder=args.text_encoder,
-                          device=args.device, prediction=args.prediction, name=args.name,
+                          device=args.device, prediction=args.prediction, name=args.name, peft=args.peft,
                           **_data_options(args))
     else:
         from .finetune import finetune

@@ -33,8 +33,9 @@ from .latent import train_latent_diffusion
 class LoraBranch(nn.Module):
     """The low-rank branch of one Linear or 1x1 Conv2d; `base` is called unchanged."""
 
-    def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, alpha: float):
+    def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, alpha: float, peft_name: str):
         super().__init__()
+        self.peft_name = peft_name  # the diffusers/PEFT name: "unet.down_blocks.0.attentions.0.proj_in", ...
         linear = isinstance(base, nn.Linear)
         n_in, n_out = (base.in_features, base.out_features) if linear else (base.in_channels, base.out_channels)
         make = (lambda i, o: nn.Linear(i, o, bias=False)) if linear else (lambda i, o: nn.Conv2d(i, o, 1, bias=False))
@@ -85,8 +86,9 @@ def add_lora(model: nn.Module, rank: int, alpha: float, text_encoder: bool = Fal
     cfg = model.cfg
     branches = {}
     for path, layer in _unet_targets(model.unet).items():
-        name = "lora_unet_" + diffusers_unet_name(path, cfg.unet.num_res_blocks).replace(".", "_")
-        branches[name] = LoraBranch(layer, rank, alpha)
+        diffusers_name = diffusers_unet_name(path, cfg.unet.num_res_blocks)
+        branches["lora_unet_" + diffusers_name.replace(".", "_")] = LoraBranch(
+            layer, rank, alpha, "unet." + diffusers_name)
     if text_encoder:
         if cfg.text.layout != "clip":
             raise ValueError("--text-encoder LoRA is for SD 1.x text encoders (CLIP ViT-L) here; SD 2's OpenCLIP "
@@ -95,7 +97,8 @@ def add_lora(model: nn.Module, rank: int, alpha: float, text_encoder: bool = Fal
             m = re.fullmatch(r"transformer\.text_model\.(encoder\.layers\.\d+\.(?:self_attn\.\w+_proj|mlp\.fc[12]))",
                              path)
             if m and isinstance(layer, nn.Linear):
-                branches["lora_te_text_model_" + m[1].replace(".", "_")] = LoraBranch(layer, rank, alpha)
+                branches["lora_te_text_model_" + m[1].replace(".", "_")] = LoraBranch(
+                    layer, rank, alpha, "text_encoder.text_model." + m[1])
     # ModuleDict keys cannot contain dots; kohya names have none
     return nn.ModuleDict(branches)
 
@@ -107,6 +110,24 @@ def kohya_tensors(branches: nn.ModuleDict, dtype: torch.dtype = torch.float16) -
         out[f"{name}.lora_up.weight"] = b.lora_up.weight.detach().to("cpu", dtype).contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(b.alpha), dtype=dtype)
     return out
+
+
+def peft_file(branches: nn.ModuleDict, dtype: torch.dtype = torch.float16) -> tuple[dict, dict[str, str]]:
+    """(tensors, metadata) in diffusers' `save_lora_weights` layout: `unet.X.lora_A.weight` (down),
+    `lora_B.weight` (up), and the PEFT config per component in `lora_adapter_metadata`."""
+    tensors, config = {}, {}
+    for b in branches.values():
+        tensors[f"{b.peft_name}.lora_A.weight"] = b.lora_down.weight.detach().to("cpu", dtype).contiguous()
+        tensors[f"{b.peft_name}.lora_B.weight"] = b.lora_up.weight.detach().to("cpu", dtype).contiguous()
+        part, module = b.peft_name.split(".", 1)
+        # PEFT matches target names as dotted suffixes; the layer's own name (with its index for
+        # "to_out.0", "net.2") picks out exactly these layers, whatever the library prefixes them with
+        names = module.split(".")
+        target = ".".join(names[-2:]) if names[-1].isdigit() else names[-1]
+        config.setdefault(f"{part}.target_modules", set()).add(target)
+        config[f"{part}.r"], config[f"{part}.lora_alpha"] = b.rank, b.alpha
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    return tensors, {"lora_adapter_metadata": json.dumps(config), "format": "pt"}
 
 
 def kohya_metadata(*, family: str, rank: int, alpha: float, steps: int, lr: float, resolution: int,
@@ -145,11 +166,12 @@ def train_lora(model: str | Path, data: Path, out: Path, *, steps: int, batch_si
                rank: int = 8, alpha: float | None = None, size: int | None = None, text_encoder: bool = False,
                device: str = "auto", prediction: str | None = None, seed: int = 0, name: str | None = None,
                stop_after: int | None = None, caption_dropout: float = 0.0, flip: bool = False,
-               ema: float = 0.0) -> Path | None:
+               ema: float = 0.0, peft: bool = False) -> Path | None:
     """Train LoRA branches on `data` (pictures with same-name .txt captions); resumable from `out`.
 
-    Writes out/NAME.safetensors (kohya format, fp16) and returns its path; None when `stop_after`
-    ended the run early (its state is saved: the same call without it carries on)."""
+    Writes out/NAME.safetensors (kohya format, fp16) and returns its path, and with `peft` a diffusers/PEFT
+    copy, out/pytorch_lora_weights.safetensors; None when `stop_after` ended the run early (its state
+    is saved: the same call without it carries on)."""
     dev = resolve_device(device)
     pairs = captioned_pictures(data)
     loaded = load_model(model, dtype=torch.float32, device=dev, prediction=prediction)
@@ -169,6 +191,9 @@ def train_lora(model: str | Path, data: Path, out: Path, *, steps: int, batch_si
     name = name or out.name
     meta = kohya_metadata(family=loaded.config.family, rank=rank, alpha=alpha, steps=steps, lr=lr, resolution=size,
                           text_encoder=text_encoder, name=name, captions=[c for _, c in pairs])
+    if peft:
+        tensors, metadata = peft_file(branches)
+        save_file(tensors, str(out / "pytorch_lora_weights.safetensors"), metadata=metadata)
     return write_lora(branches, out / f"{name}.safetensors", meta)
 
 
