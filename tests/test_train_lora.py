@@ -129,3 +129,18 @@ def test_flips_caption_dropout_ema_and_the_loss_plot(tiny_models, tmp_path, caps
     assert (out / f"{out.name}.safetensors").is_file()
     assert Image.open(out / "diffusion-loss.png").size == (640, 320)
     assert main(args[:-2] + ["--ema", "1.5"]) == 2 and "--ema must be at least 0" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_changes_nothing_and_bf16_autocast_trains(tiny_models, tmp_path):
+    tiny = tiny_models["sd1"]
+    data = _data(tmp_path / "data")
+    kw = dict(steps=3, batch_size=2, lr=1e-3, rank=2, size=64, device="cpu")
+    plain = train_lora(tiny.single_file, data, tmp_path / "a", **kw)
+    recomputed = train_lora(tiny.single_file, data, tmp_path / "b", gradient_checkpointing=True, **kw)
+    bf16 = train_lora(tiny.single_file, data, tmp_path / "c", autocast=torch.bfloat16, **kw)
+    with safe_open(str(plain), "pt") as f, safe_open(str(recomputed), "pt") as g, safe_open(str(bf16), "pt") as h:
+        ups = [k for k in f.keys() if k.endswith("lora_up.weight")]
+        assert all(torch.equal(f.get_tensor(k), g.get_tensor(k)) for k in f.keys())
+        moved = [h.get_tensor(k).float() for k in ups]
+        assert all(torch.isfinite(t).all() for t in moved) and any(t.abs().max() > 0 for t in moved)
+        assert any(not torch.equal(f.get_tensor(k), h.get_tensor(k)) for k in ups)  # bf16 did run

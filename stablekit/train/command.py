@@ -55,6 +55,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     db.add_argument("--alpha", type=float, default=None)
     db.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     db.add_argument("--prediction", choices=["eps", "v"], help="override the prediction type (weights cannot tell)")
+    _add_memory_args(db)
 
     emb = stages.add_parser("embedding", help="textual inversion: new vectors for a token (the web UI's .safetensors)")
     _add_data_args(emb, "OUT/TOKEN.safetensors", lr=5e-3)
@@ -78,6 +79,14 @@ def _add_data_args(p: argparse.ArgumentParser, result: str, lr: float, caption_d
                    help="probability of training a picture with an empty caption")
     p.add_argument("--flip", action="store_true", help="mirror pictures left-right at random")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the trained weights (0: none), e.g. 0.999")
+    _add_memory_args(p)
+
+
+def _add_memory_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the UNet blocks' activations in the backward pass: less memory, more time")
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
+                   help="autocast the forward passes (weights stay float32); fp16 is for CUDA")
 
 
 def _data_options(args: argparse.Namespace) -> dict:
@@ -85,7 +94,14 @@ def _data_options(args: argparse.Namespace) -> dict:
         raise ValueError(f"--caption-dropout must be between 0 and 1, got {args.caption_dropout}")
     if not 0 <= args.ema < 1:
         raise ValueError(f"--ema must be at least 0 and below 1, got {args.ema}")
-    return {"caption_dropout": args.caption_dropout, "flip": args.flip, "ema": args.ema}
+    return {"caption_dropout": args.caption_dropout, "flip": args.flip, "ema": args.ema, **_memory_options(args)}
+
+
+def _memory_options(args: argparse.Namespace) -> dict:
+    import torch
+
+    dtypes = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    return {"gradient_checkpointing": args.gradient_checkpointing, "autocast": dtypes[args.mixed_precision]}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
             size=args.size,
             class_prompt=args.class_prompt, class_data=args.class_data, num_class_images=args.num_class_images,
             prior_loss_weight=args.prior_loss_weight, train_text_encoder=args.train_text_encoder, lora=args.lora,
-            rank=args.rank, alpha=args.alpha, device=args.device, prediction=args.prediction)
+            rank=args.rank, alpha=args.alpha, device=args.device, prediction=args.prediction, **_memory_options(args))
     elif args.train_command == "embedding":
         from .embedding import train_embedding
 

@@ -53,7 +53,8 @@ def train_dreambooth(model: str | Path, instance_data: Path, instance_prompt: st
                      class_prompt: str | None = None, class_data: Path | None = None, num_class_images: int = 100,
                      prior_loss_weight: float = 1.0, train_text_encoder: bool = False, lora: bool = False,
                      rank: int = 8, alpha: float | None = None, device: str = "auto", prediction: str | None = None,
-                     seed: int = 0, stop_after: int | None = None) -> Path | None:
+                     seed: int = 0, stop_after: int | None = None,
+                     gradient_checkpointing: bool = False, autocast: torch.dtype | None = None) -> Path | None:
     """Train on the instance pictures (with prior preservation when a class prompt is given).
 
     Returns out/dreambooth.safetensors (a checkpoint, or a LoRA with `lora`); None when `stop_after`
@@ -80,7 +81,8 @@ def train_dreambooth(model: str | Path, instance_data: Path, instance_prompt: st
     stage = StageConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=min(100, steps // 10 + 1),
                         sample_every=max(steps // 4, 1), seed=seed, stop_after=stop_after)
     trained = {"lora": branches} if branches is not None else None
-    done = train_latent_diffusion(sd_model, batches, stage, out, caption_dropout=0.0, offset_noise=0.0,
+    done = train_latent_diffusion(sd_model, batches, stage, out, gradient_checkpointing=gradient_checkpointing,
+                                  autocast=autocast, caption_dropout=0.0, offset_noise=0.0,
                                   train_text_encoder=train_text_encoder, trained=trained,
                                   preview_prompts=[instance_prompt] + ([class_prompt] if class_prompt else []),
                                   preview_size=(size, size), device=dev)

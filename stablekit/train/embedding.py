@@ -68,7 +68,8 @@ def train_embedding(model: str | Path, data: Path, out: Path, token: str, *, ste
                     lr: float = 5e-3, vectors: int = 1, init_word: str = "*", size: int | None = None,
                     device: str = "auto", prediction: str | None = None, seed: int = 0,
                     stop_after: int | None = None, caption_dropout: float = 0.0, flip: bool = False,
-                    ema: float = 0.0) -> Path | None:
+                    ema: float = 0.0, gradient_checkpointing: bool = False,
+                    autocast: torch.dtype | None = None) -> Path | None:
     """Learn `vectors` vectors for `token` from captioned pictures; returns out/TOKEN.safetensors (None:
     stopped early by `stop_after`, resumable)."""
     if not re.fullmatch(r"[\w-]+", token):
@@ -94,7 +95,8 @@ def train_embedding(model: str | Path, data: Path, out: Path, token: str, *, ste
     batches = captioned_batches(pairs, sd_model.vae, size, batch_size, seed, dev, flip)
     stage = StageConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=min(100, steps // 10 + 1),
                         sample_every=max(steps // 4, 1), seed=seed, stop_after=stop_after, ema=ema)
-    done = train_latent_diffusion(sd_model, batches, stage, out, caption_dropout=caption_dropout, offset_noise=0.0,
+    done = train_latent_diffusion(sd_model, batches, stage, out, gradient_checkpointing=gradient_checkpointing,
+                                  autocast=autocast, caption_dropout=caption_dropout, offset_noise=0.0,
                                   trained={"embedding": learned}, encode_captions=encode, device=dev)
     if done < steps:
         return None

@@ -23,7 +23,8 @@ from .latent import train_latent_diffusion
 def finetune(model: str | Path, data: Path, out: Path, *, steps: int, batch_size: int, lr: float,
              size: int | None = None, train_text_encoder: bool = False, device: str = "auto",
              prediction: str | None = None, seed: int = 0, caption_dropout: float = 0.1, flip: bool = False,
-             ema: float = 0.0) -> Path:
+             ema: float = 0.0, gradient_checkpointing: bool = False,
+             autocast: torch.dtype | None = None) -> Path:
     dev = resolve_device(device)
     pairs = captioned_pictures(data)
     loaded = load_model(model, dtype=torch.float32, device=dev, prediction=prediction)
@@ -32,7 +33,8 @@ def finetune(model: str | Path, data: Path, out: Path, *, steps: int, batch_size
     batches = captioned_batches(pairs, sd_model.vae, size, batch_size, seed, dev, flip)
     stage = StageConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=min(100, steps // 10 + 1),
                         weight_decay=1e-2, sample_every=max(steps // 4, 1), seed=seed, ema=ema)
-    train_latent_diffusion(sd_model, batches, stage, out, caption_dropout=caption_dropout, offset_noise=0.0,
+    train_latent_diffusion(sd_model, batches, stage, out, gradient_checkpointing=gradient_checkpointing,
+                           autocast=autocast, caption_dropout=caption_dropout, offset_noise=0.0,
                            train_text_encoder=train_text_encoder, preview_prompts=[c for _, c in pairs[:2]],
                            preview_size=(size, size), device=dev)
     return export_checkpoint(loaded, out / "finetuned.safetensors")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import sys
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -29,7 +30,7 @@ from ..images import to_pil
 from ..models import StableDiffusionModel
 from ..models.tokenizer import CLIPTokenizer
 from ..params import GenerationParams
-from .common import EMA, LossLog, StageConfig, grid, load_state, plot_losses, save_state, set_lr
+from .common import EMA, LossLog, StageConfig, checkpointed, grid, load_state, plot_losses, save_state, set_lr
 
 # step -> (scaled latents [B,4,h,w], captions) or (latents, captions, weights [B]): with weights the loss
 # is sum_i w_i * mse_i (per-sample MSE), as DreamBooth's prior preservation weighs its two halves
@@ -42,6 +43,7 @@ def train_latent_diffusion(
     preview_prompts: list[str] | None = None, preview_size: tuple[int, int] = (64, 64),
     device: torch.device = torch.device("cpu"), trained: dict[str, nn.Module] | None = None,
     encode_captions: Callable[[list[str]], torch.Tensor] | None = None,
+    gradient_checkpointing: bool = False, autocast: torch.dtype | None = None,
 ) -> int:
     """Train the UNet (and the text encoder) of `model` in place; returns the steps done so far.
 
@@ -49,6 +51,8 @@ def train_latent_diffusion(
     `train_text_encoder`); LoRA passes its branches, which the model's layers call.
     `encode_captions`: captions -> text context (default: tokenized and encoded by the model's text
     encoder); textual inversion passes one that puts its learned vectors in.
+    `gradient_checkpointing` recomputes the UNet blocks' activations in the backward pass;
+    `autocast` (bf16 or fp16) runs the forward passes in that precision (the weights stay float32).
 
     When all steps are done and EMA is on, the model is left holding the averaged weights.
 
@@ -72,46 +76,52 @@ def train_latent_diffusion(
     generator = torch.Generator()
     for m in trained.values():
         m.train()
+    blocks = [*model.unet.input_blocks, model.unet.middle_block, *model.unet.output_blocks]
+    recompute = checkpointed(blocks) if gradient_checkpointing else contextlib.nullcontext()
     bar = tqdm(range(start, stage.end), initial=start, total=stage.steps, desc="diffusion", file=sys.stderr)
-    for step in bar:
-        generator.manual_seed(stage.seed * 1_000_003 + step)  # resumable: randomness depends on the step only
-        rng = random.Random(stage.seed * 1_000_003 + step)
-        x0, captions, *weights = batches(step)
-        x0 = x0.to(device)
-        b = x0.shape[0]
-        captions = ["" if rng.random() < caption_dropout else c for c in captions]
-        t = torch.randint(0, len(alphas), (b,), generator=generator)
-        eps = torch.randn(x0.shape, generator=generator)
-        if offset_noise:
-            eps = eps + offset_noise * torch.randn((b, x0.shape[1], 1, 1), generator=generator)
-        t, eps = t.to(device), eps.to(device)
-        a = alphas[t].view(b, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        if encode_captions is not None:
-            context = encode_captions(captions)
-        else:
-            context = model.text_encoder(tokenizer(captions).to(device))
-        prediction = model.unet(x_t, t.float(), Cond(context))
-        if weights:
-            loss = (F.mse_loss(prediction, eps, reduction="none").mean(dim=(1, 2, 3)) * weights[0].to(device)).sum()
-        else:
-            loss = F.mse_loss(prediction, eps)
-        set_lr(optimizer, stage.lr_at(step))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        if ema is not None:
-            ema.update(step)
-        if step % stage.log_every == 0 or step == stage.steps - 1:
-            log.write(step, stage.lr_at(step), mse=loss.item())
-            bar.set_postfix(mse=f"{loss.item():.4f}")
-        done = step + 1
-        if stage.should_save(done):
-            save_state(state_path, done, trained, optimizer, ema)
-        if preview_prompts and (done % stage.sample_every == 0 or done == stage.steps):
-            with _averaged(ema):
-                save_samples(model, preview_prompts, out / f"samples-{done:06d}.png", preview_size, device=device)
+    with recompute:
+        for step in bar:
+            generator.manual_seed(stage.seed * 1_000_003 + step)  # resumable: randomness depends on the step
+            rng = random.Random(stage.seed * 1_000_003 + step)
+            x0, captions, *weights = batches(step)
+            x0 = x0.to(device)
+            b = x0.shape[0]
+            captions = ["" if rng.random() < caption_dropout else c for c in captions]
+            t = torch.randint(0, len(alphas), (b,), generator=generator)
+            eps = torch.randn(x0.shape, generator=generator)
+            if offset_noise:
+                eps = eps + offset_noise * torch.randn((b, x0.shape[1], 1, 1), generator=generator)
+            t, eps = t.to(device), eps.to(device)
+            a = alphas[t].view(b, 1, 1, 1)
+            x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                if encode_captions is not None:
+                    context = encode_captions(captions)
+                else:
+                    context = model.text_encoder(tokenizer(captions).to(device))
+                prediction = model.unet(x_t, t.float(), Cond(context)).float()
+            if weights:
+                per_sample = F.mse_loss(prediction, eps, reduction="none").mean(dim=(1, 2, 3))
+                loss = (per_sample * weights[0].to(device)).sum()
+            else:
+                loss = F.mse_loss(prediction, eps)
+            set_lr(optimizer, stage.lr_at(step))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            if ema is not None:
+                ema.update(step)
+            if step % stage.log_every == 0 or step == stage.steps - 1:
+                log.write(step, stage.lr_at(step), mse=loss.item())
+                bar.set_postfix(mse=f"{loss.item():.4f}")
+            done = step + 1
+            if stage.should_save(done):
+                save_state(state_path, done, trained, optimizer, ema)
+            if preview_prompts and (done % stage.sample_every == 0 or done == stage.steps):
+                with _averaged(ema):
+                    save_samples(model, preview_prompts, out / f"samples-{done:06d}.png", preview_size,
+                                 device=device)
     for m in trained.values():
         m.eval()
     plot_losses(log.path, out / "diffusion-loss.png")

@@ -166,7 +166,8 @@ def train_lora(model: str | Path, data: Path, out: Path, *, steps: int, batch_si
                rank: int = 8, alpha: float | None = None, size: int | None = None, text_encoder: bool = False,
                device: str = "auto", prediction: str | None = None, seed: int = 0, name: str | None = None,
                stop_after: int | None = None, caption_dropout: float = 0.0, flip: bool = False,
-               ema: float = 0.0, peft: bool = False) -> Path | None:
+               ema: float = 0.0, gradient_checkpointing: bool = False,
+               autocast: torch.dtype | None = None, peft: bool = False) -> Path | None:
     """Train LoRA branches on `data` (pictures with same-name .txt captions); resumable from `out`.
 
     Writes out/NAME.safetensors (kohya format, fp16) and returns its path, and with `peft` a diffusers/PEFT
@@ -183,7 +184,8 @@ def train_lora(model: str | Path, data: Path, out: Path, *, steps: int, batch_si
     batches = captioned_batches(pairs, sd_model.vae, size, batch_size, seed, dev, flip)
     stage = StageConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=min(100, steps // 10 + 1),
                         weight_decay=0.0, sample_every=max(steps // 4, 1), seed=seed, stop_after=stop_after, ema=ema)
-    done = train_latent_diffusion(sd_model, batches, stage, out, caption_dropout=caption_dropout, offset_noise=0.0,
+    done = train_latent_diffusion(sd_model, batches, stage, out, gradient_checkpointing=gradient_checkpointing,
+                                  autocast=autocast, caption_dropout=caption_dropout, offset_noise=0.0,
                                   trained={"lora": branches}, preview_prompts=[c for _, c in pairs[:2]],
                                   preview_size=(size, size), device=dev)
     if done < steps:
