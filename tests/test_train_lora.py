@@ -144,3 +144,21 @@ def test_gradient_checkpointing_changes_nothing_and_bf16_autocast_trains(tiny_mo
         moved = [h.get_tensor(k).float() for k in ups]
         assert all(torch.isfinite(t).all() for t in moved) and any(t.abs().max() > 0 for t in moved)
         assert any(not torch.equal(f.get_tensor(k), h.get_tensor(k)) for k in ups)  # bf16 did run
+
+
+def test_aspect_ratio_buckets_batch_pictures_of_one_shape(tiny_models, tmp_path):
+    from stablekit.train.data import bucket_sizes, captioned_batches, nearest_bucket
+
+    assert (512, 512) in bucket_sizes(512) and (768, 320) in bucket_sizes(512) and (320, 768) in bucket_sizes(512)
+    assert nearest_bucket(1920, 1080, bucket_sizes(512)) == (640, 384)  # 16:9 -> 5:3, about 512 x 512 pixels
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i, (w, h) in enumerate([(128, 64), (130, 62), (64, 128), (64, 64)]):
+        Image.new("RGB", (w, h), (40 * i, 90, 200)).save(folder / f"m{i}.png")
+    pairs = [(folder / f"m{i}.png", f"c{i}") for i in range(4)]
+    vae = load_model(tiny_models["sd1"].single_file).model.vae
+    take = captioned_batches(pairs, vae, 64, 2, 0, torch.device("cpu"), buckets=True)
+    shapes = {tuple(take(step)[0].shape[-2:]) for step in range(30)}
+    wide, tall = nearest_bucket(128, 64, bucket_sizes(64)), nearest_bucket(64, 128, bucket_sizes(64))
+    assert shapes == {(wide[1] // 8, wide[0] // 8), (tall[1] // 8, tall[0] // 8), (8, 8)}
+    assert all(len({tuple(t.shape) for t in take(s)[0]}) == 1 for s in range(5))

@@ -78,6 +78,8 @@ def _add_data_args(p: argparse.ArgumentParser, result: str, lr: float, caption_d
     p.add_argument("--caption-dropout", type=float, default=caption_dropout,
                    help="probability of training a picture with an empty caption")
     p.add_argument("--flip", action="store_true", help="mirror pictures left-right at random")
+    p.add_argument("--buckets", action="store_true",
+                   help="aspect-ratio buckets of about --size squared pixels instead of square crops")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the trained weights (0: none), e.g. 0.999")
     _add_memory_args(p)
 
@@ -94,7 +96,8 @@ def _data_options(args: argparse.Namespace) -> dict:
         raise ValueError(f"--caption-dropout must be between 0 and 1, got {args.caption_dropout}")
     if not 0 <= args.ema < 1:
         raise ValueError(f"--ema must be at least 0 and below 1, got {args.ema}")
-    return {"caption_dropout": args.caption_dropout, "flip": args.flip, "ema": args.ema, **_memory_options(args)}
+    return {"caption_dropout": args.caption_dropout, "flip": args.flip, "buckets": args.buckets, "ema": args.ema,
+            **_memory_options(args)}
 
 
 def _memory_options(args: argparse.Namespace) -> dict:

@@ -68,6 +68,7 @@ def train_embedding(model: str | Path, data: Path, out: Path, token: str, *, ste
                     lr: float = 5e-3, vectors: int = 1, init_word: str = "*", size: int | None = None,
                     device: str = "auto", prediction: str | None = None, seed: int = 0,
                     stop_after: int | None = None, caption_dropout: float = 0.0, flip: bool = False,
+                    buckets: bool = False,
                     ema: float = 0.0, gradient_checkpointing: bool = False,
                     autocast: torch.dtype | None = None) -> Path | None:
     """Learn `vectors` vectors for `token` from captioned pictures; returns out/TOKEN.safetensors (None:
@@ -92,7 +93,7 @@ def train_embedding(model: str | Path, data: Path, out: Path, token: str, *, ste
         return sd_model.text_encoder(ids.to(dev), vectors=[(r, s, learned.vectors) for r, s in places])
 
     size = size or loaded.config.resolution
-    batches = captioned_batches(pairs, sd_model.vae, size, batch_size, seed, dev, flip)
+    batches = captioned_batches(pairs, sd_model.vae, size, batch_size, seed, dev, flip, buckets)
     stage = StageConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=min(100, steps // 10 + 1),
                         sample_every=max(steps // 4, 1), seed=seed, stop_after=stop_after, ema=ema)
     done = train_latent_diffusion(sd_model, batches, stage, out, gradient_checkpointing=gradient_checkpointing,

@@ -23,6 +23,7 @@ from .latent import train_latent_diffusion
 def finetune(model: str | Path, data: Path, out: Path, *, steps: int, batch_size: int, lr: float,
              size: int | None = None, train_text_encoder: bool = False, device: str = "auto",
              prediction: str | None = None, seed: int = 0, caption_dropout: float = 0.1, flip: bool = False,
+             buckets: bool = False,
              ema: float = 0.0, gradient_checkpointing: bool = False,
              autocast: torch.dtype | None = None) -> Path:
     dev = resolve_device(device)
@@ -30,7 +31,7 @@ def finetune(model: str | Path, data: Path, out: Path, *, steps: int, batch_size
     loaded = load_model(model, dtype=torch.float32, device=dev, prediction=prediction)
     sd_model = loaded.model
     size = size or loaded.config.resolution
-    batches = captioned_batches(pairs, sd_model.vae, size, batch_size, seed, dev, flip)
+    batches = captioned_batches(pairs, sd_model.vae, size, batch_size, seed, dev, flip, buckets)
     stage = StageConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=min(100, steps // 10 + 1),
                         weight_decay=1e-2, sample_every=max(steps // 4, 1), seed=seed, ema=ema)
     train_latent_diffusion(sd_model, batches, stage, out, gradient_checkpointing=gradient_checkpointing,

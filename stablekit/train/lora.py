@@ -165,7 +165,7 @@ def kohya_metadata(*, family: str, rank: int, alpha: float, steps: int, lr: floa
 def train_lora(model: str | Path, data: Path, out: Path, *, steps: int, batch_size: int, lr: float,
                rank: int = 8, alpha: float | None = None, size: int | None = None, text_encoder: bool = False,
                device: str = "auto", prediction: str | None = None, seed: int = 0, name: str | None = None,
-               stop_after: int | None = None, caption_dropout: float = 0.0, flip: bool = False,
+               stop_after: int | None = None, caption_dropout: float = 0.0, flip: bool = False, buckets: bool = False,
                ema: float = 0.0, gradient_checkpointing: bool = False,
                autocast: torch.dtype | None = None, peft: bool = False) -> Path | None:
     """Train LoRA branches on `data` (pictures with same-name .txt captions); resumable from `out`.
@@ -181,7 +181,7 @@ def train_lora(model: str | Path, data: Path, out: Path, *, steps: int, batch_si
     alpha = float(rank if alpha is None else alpha)
     torch.manual_seed(seed)  # the down projections' start
     branches = add_lora(sd_model, rank, alpha, text_encoder).to(dev)
-    batches = captioned_batches(pairs, sd_model.vae, size, batch_size, seed, dev, flip)
+    batches = captioned_batches(pairs, sd_model.vae, size, batch_size, seed, dev, flip, buckets)
     stage = StageConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=min(100, steps // 10 + 1),
                         weight_decay=0.0, sample_every=max(steps // 4, 1), seed=seed, stop_after=stop_after, ema=ema)
     done = train_latent_diffusion(sd_model, batches, stage, out, gradient_checkpointing=gradient_checkpointing,
