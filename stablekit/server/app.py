@@ -1,21 +1,23 @@
 """The FastAPI app: the web UI's API, the job API, the browser UI, auth, limits, CORS and error shapes.
 
 `create_app(config)` builds it; the backend (model, queue, worker) starts with the app's lifespan.
-OpenAPI docs are served at /docs.
+OpenAPI docs are served at /docs (behind the API's auth when it has one, unless --public-docs) and
+Prometheus metrics at /metrics.
 """
 
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 
 from .. import __version__
 from ..engine import Engine
 from .config import ServerConfig
 from .controlnet_api import controlnet_router
 from .errors import install_error_handlers
+from .metrics import metrics_router
 from .routes_jobs import jobs_router
 from .routes_sdapi import sdapi_router
 from .routes_tools import tools_router
@@ -46,11 +48,17 @@ def create_app(config: ServerConfig, loader: EngineLoader | None = None) -> Fast
         finally:
             backend.stop()
 
+    # with auth on, the API's description is for those who may use it (--public-docs opens it)
+    open_docs = config.public_docs or not config.auth_enabled
     app = FastAPI(title="stablekit", version=__version__, lifespan=lifespan,
-                  description="Stable Diffusion over HTTP: the popular web UI's /sdapi/v1 API and a job API.")
+                  description="Stable Diffusion over HTTP: the popular web UI's /sdapi/v1 API and a job API.",
+                  docs_url="/docs" if open_docs else None, openapi_url="/openapi.json" if open_docs else None)
     app.state.backend = backend
     install_error_handlers(app)
     auth = auth_dependency(config)
+    if not open_docs:
+        app.include_router(docs_router(app, auth))
+    app.include_router(metrics_router(backend, auth))
     app.include_router(sdapi_router(backend, auth))
     app.include_router(jobs_router(backend, auth))
     app.include_router(tools_router(backend, auth))
@@ -63,3 +71,21 @@ def create_app(config: ServerConfig, loader: EngineLoader | None = None) -> Fast
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_credentials=True,
                            allow_methods=["*"], allow_headers=["*"])
     return app
+
+
+def docs_router(app: FastAPI, auth: Any) -> APIRouter:
+    """/openapi.json and /docs behind the API's own auth."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import HTMLResponse, JSONResponse
+
+    router = APIRouter(dependencies=[Depends(auth)], include_in_schema=False)
+
+    @router.get("/openapi.json")
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @router.get("/docs")
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="stablekit API")
+
+    return router

@@ -40,6 +40,7 @@ class ServerConfig:
     embeddings_dir: Path | None = None  # textual-inversion embeddings (GET /sdapi/v1/embeddings)
     upscaler_model: str | None = None  # an SD x4 upscaler: the "SD x4" hires upscaler and extras upscaler
     controlnet_dir: Path | None = None  # ControlNets clients name (GET /controlnet/model_list)
+    public_docs: bool = False  # /docs and /openapi.json without auth even when the API has it
 
     @property
     def db_path(self) -> Path:

@@ -105,6 +105,11 @@ class JobStore:
             rows = self._db.execute(query + " ORDER BY created DESC LIMIT ?", [*args, limit]).fetchall()
         return [self._row(r) for r in rows]
 
+    def counts(self) -> dict[str, int]:
+        """Job records by status."""
+        with self._lock:
+            return dict(self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall())
+
     def recover(self) -> list[JobRecord]:
         """After a restart: job-API jobs left queued or running go back to the queue (oldest first), unless
         they already crashed the server MAX_ATTEMPTS times; /sdapi jobs are failed. Returns those re-queued."""

@@ -28,6 +28,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     s.add_argument("--token", help="bearer token (Authorization: Bearer TOKEN)")
     s.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without authentication")
     s.add_argument("--cors-origins", default="", help="comma-separated origins allowed by CORS (default: none)")
+    s.add_argument("--public-docs", action="store_true",
+                   help="serve /docs and /openapi.json without auth even when the API has it")
     s.add_argument("--allow-url-images", action="store_true",
                    help="fetch init images given as http(s) URLs (never from local or private addresses)")
     s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -76,6 +78,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         device=None if args.device == "auto" else args.device, prediction=args.prediction,
         vae_tiling=args.vae_tiling, vae=args.vae, vae_dir=args.vae_dir, lora_dir=args.lora_dir,
         embeddings_dir=args.embeddings_dir, upscaler_model=args.upscaler_model, controlnet_dir=args.controlnet_dir,
+        public_docs=args.public_docs,
     )
 
 

@@ -28,6 +28,7 @@ from .controlnet_api import resolve_models, unit_dict
 from .errors import ApiError
 from .jobs import CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, JobQueue, JobRecord, JobStore, LocalQueue, \
     QueueFull, new_job_id
+from .metrics import Metrics
 from .previews import latent_preview, model_preview
 from .webui import Work, info_json, iteration_params, parse_request, to_work
 
@@ -101,6 +102,7 @@ class LocalBackend:
         self.checkpoints = Checkpoints(config.model, config.models_dir)
         self.options = Options(self.checkpoints.default())
         self.progress = Progress()
+        self.metrics = Metrics()
         self._engine: Engine | None = None
         self._engine_title: str | None = None
         self._engine_lock = threading.Lock()  # held while a job runs or a model loads
@@ -250,10 +252,11 @@ class LocalBackend:
                 exc: Exception | None = None) -> None:
         """Record the outcome and wake a waiting /sdapi request (`exc`: what it should answer with)."""
         self.store.update(rec.id, status=status, error=error, info=info, images=images or [], finished=time.time())
+        final = self.store.get(rec.id) or rec
+        self.metrics.job_finished(final, status, len(pictures or []))
         self._work.pop(rec.id, None)
         future = self._futures.pop(rec.id, None)
         if future is not None and not future.done():
-            final = self.store.get(rec.id) or rec
             if status == DONE:
                 future.set_result(JobResult(final, pictures or []))
             else:
@@ -297,6 +300,7 @@ class LocalBackend:
 
     def _callback(self, progress: Progress) -> Callable[[int, int, torch.Tensor], None]:
         def on_step(i: int, n: int, x0: torch.Tensor) -> None:
+            self.metrics.step(first=progress.step == 0)
             progress.step, progress.steps, progress.latent = i + 1, n, x0[0].detach()
             if progress.stopping:
                 raise ServerStopping()
