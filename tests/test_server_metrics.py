@@ -8,9 +8,16 @@ import re
 
 import pytest
 
-from .test_server_security import SMALL, TOKEN, basic, client_for, engine  # noqa: F401 - the engine fixture
+import stablekit
+
+from .test_server_security import SMALL, TOKEN, basic, client_for
 
 pytest.importorskip("fastapi")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models):
+    return stablekit.load(tiny_models["sd1"].single_file)
 
 SAMPLE = re.compile(r"^(stablekit_[a-z_]+)(\{[a-z]+=\"[a-z]+\"\})? (-?[0-9.e+-]+)$")
 

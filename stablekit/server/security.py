@@ -142,29 +142,58 @@ def public_address(host: str) -> list[str]:
 
 
 def fetch_url(url: str, max_bytes: int, timeout: float = 10.0) -> bytes:
-    """GET an http(s) URL whose host resolves only to public addresses; no redirects; at most `max_bytes`.
+    """GET an http(s) URL whose host resolves only to public addresses; no redirects; at most
+    `max_bytes` and `timeout` seconds in all.
 
-    Gap: the host is resolved again when connecting, so a DNS answer that changes in between
-    (rebinding) is not caught; enable URL images only where that risk is acceptable.
+    The connection goes to the address that was checked (with the URL's host in the Host header and,
+    for https, in SNI and certificate checks), so a DNS answer that changes between the check and the
+    connection (rebinding) cannot point it elsewhere.
     """
-    import urllib.error
-    import urllib.request
+    import http.client
+    import ssl
+    import time
 
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ApiError(400, "an image URL must be http:// or https:// with a host")
-    public_address(parts.hostname)
-
-    class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *args, **kwargs):  # a redirect could lead to a private address
-            raise ApiError(400, "image URLs that redirect are not followed")
-
-    opener = urllib.request.build_opener(NoRedirect)
+    host = parts.hostname
     try:
-        with opener.open(url, timeout=timeout) as response:
-            data = response.read(max_bytes + 1)
-    except (urllib.error.URLError, OSError, ValueError) as e:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ApiError(400, "the image URL's port is not a number") from None
+    address = public_address(host)[0]
+    deadline = time.monotonic() + timeout
+
+    class Pinned(http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection):
+        def connect(self) -> None:  # to the checked address, never a new lookup of the name
+            self.sock = socket.create_connection((address, port), timeout=timeout)
+            if parts.scheme == "https":
+                self.sock = ssl.create_default_context().wrap_socket(self.sock, server_hostname=host)
+
+    connection = Pinned(host, port, timeout=timeout)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    try:
+        connection.request("GET", path, headers={"Host": parts.netloc.rpartition("@")[2],
+                                                 "User-Agent": "stablekit"})
+        response = connection.getresponse()
+        if 300 <= response.status < 400:  # a redirect could lead to a private address
+            raise ApiError(400, "image URLs that redirect are not followed")
+        if response.status != 200:
+            raise ApiError(400, f"could not fetch the image URL (HTTP {response.status})")
+        data = b""
+        while len(data) <= max_bytes:
+            if time.monotonic() > deadline:
+                raise ApiError(400, f"the image URL took more than {timeout:g} s")
+            chunk = response.read(min(65536, max_bytes + 1 - len(data)))
+            if not chunk:
+                break
+            data += chunk
+    except ApiError:
+        raise
+    except (OSError, http.client.HTTPException, ValueError) as e:
         raise ApiError(400, f"could not fetch the image URL ({e})") from None
+    finally:
+        connection.close()
     if len(data) > max_bytes:
         raise ApiError(413, f"the image at the URL is over {max_bytes} bytes")
     return data
