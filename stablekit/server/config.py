@@ -41,6 +41,8 @@ class ServerConfig:
     upscaler_model: str | None = None  # an SD x4 upscaler: the "SD x4" hires upscaler and extras upscaler
     controlnet_dir: Path | None = None  # ControlNets clients name (GET /controlnet/model_list)
     public_docs: bool = False  # /docs and /openapi.json without auth even when the API has it
+    keep_results_days: float | None = None  # finished jobs older than this are removed (records and pictures)
+    max_results_bytes: int | None = None  # past this, the oldest finished jobs are removed
 
     @property
     def db_path(self) -> Path:

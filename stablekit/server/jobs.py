@@ -105,6 +105,22 @@ class JobStore:
             rows = self._db.execute(query + " ORDER BY created DESC LIMIT ?", [*args, limit]).fetchall()
         return [self._row(r) for r in rows]
 
+    def finished_oldest_first(self) -> list[tuple[str, float]]:
+        """(id, finished time) of every finished job, oldest first."""
+        with self._lock:
+            return self._db.execute(f"SELECT id, COALESCE(finished, created) FROM jobs WHERE status IN "
+                                    f"({', '.join('?' * len(FINISHED))}) ORDER BY COALESCE(finished, created)",
+                                    FINISHED).fetchall()
+
+    def unfinished_ids(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute(
+                f"SELECT id FROM jobs WHERE status NOT IN ({', '.join('?' * len(FINISHED))})", FINISHED)]
+
+    def delete(self, job_id: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
     def counts(self) -> dict[str, int]:
         """Job records by status."""
         with self._lock:

@@ -28,6 +28,10 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     s.add_argument("--token", help="bearer token (Authorization: Bearer TOKEN)")
     s.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without authentication")
     s.add_argument("--cors-origins", default="", help="comma-separated origins allowed by CORS (default: none)")
+    s.add_argument("--keep-results", type=float, default=None, metavar="DAYS",
+                   help="remove finished jobs (records and pictures) older than this; never unfinished ones")
+    s.add_argument("--max-results-gb", type=float, default=None, metavar="N",
+                   help="remove the oldest finished jobs while the pictures take more than this")
     s.add_argument("--public-docs", action="store_true",
                    help="serve /docs and /openapi.json without auth even when the API has it")
     s.add_argument("--allow-url-images", action="store_true",
@@ -59,6 +63,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     for name in ("max_pixels", "max_steps", "max_batch", "queue_size", "max_upload_bytes"):
         if getattr(limits, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("keep_results", "max_results_gb"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
     if args.token is not None and len(args.token) < 8:
         raise ValueError("--token must be at least 8 characters")
     from ..engine import set_threads
@@ -78,7 +85,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         device=None if args.device == "auto" else args.device, prediction=args.prediction,
         vae_tiling=args.vae_tiling, vae=args.vae, vae_dir=args.vae_dir, lora_dir=args.lora_dir,
         embeddings_dir=args.embeddings_dir, upscaler_model=args.upscaler_model, controlnet_dir=args.controlnet_dir,
-        public_docs=args.public_docs,
+        public_docs=args.public_docs, keep_results_days=args.keep_results,
+        max_results_bytes=None if args.max_results_gb is None else int(args.max_results_gb * 2**30),
     )
 
 

@@ -29,10 +29,12 @@ from .errors import ApiError
 from .jobs import CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, JobQueue, JobRecord, JobStore, LocalQueue, \
     QueueFull, new_job_id
 from .metrics import Metrics
+from .retention import Retention, prune
 from .previews import latent_preview, model_preview
 from .webui import Work, info_json, iteration_params, parse_request, to_work
 
 log = logging.getLogger("stablekit.server")
+PRUNE_EVERY_S = 60.0  # retention walks the output folders: at most once a minute
 
 EngineLoader = Callable[[str], Engine]
 
@@ -103,6 +105,8 @@ class LocalBackend:
         self.options = Options(self.checkpoints.default())
         self.progress = Progress()
         self.metrics = Metrics()
+        self.retention = Retention(config.keep_results_days, config.max_results_bytes)
+        self._pruned = 0.0  # when retention last ran
         self._engine: Engine | None = None
         self._engine_title: str | None = None
         self._engine_lock = threading.Lock()  # held while a job runs or a model loads
@@ -123,6 +127,7 @@ class LocalBackend:
         if self._thread.is_alive():
             return
         self._load(self.options.checkpoint)
+        self.prune()
         for rec in self.store.recover():
             self.queue.put(rec.id, force=True)  # accepted before the restart: never refused now
             log.info("re-queued job %s left unfinished by the previous run", rec.id)
@@ -297,6 +302,16 @@ class LocalBackend:
                     self._finish(rec, FAILED, error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
             finally:
                 self.progress = Progress()
+            if time.monotonic() - self._pruned > PRUNE_EVERY_S:
+                self.prune()
+
+    def prune(self) -> list[str]:
+        """Apply the retention limits (finished jobs only); logs what it removed."""
+        self._pruned = time.monotonic()
+        removed = prune(self.store, self.config.outputs, self.retention)
+        if removed:
+            log.info("retention: removed %d finished job(s), oldest %s", len(removed), removed[0])
+        return removed
 
     def _callback(self, progress: Progress) -> Callable[[int, int, torch.Tensor], None]:
         def on_step(i: int, n: int, x0: torch.Tensor) -> None:
