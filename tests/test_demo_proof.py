@@ -20,15 +20,15 @@ def test_the_demo_model_learns_zorp_with_lora_and_dreambooth(tmp_path):
     assert lora.orange >= 0.7 and dreambooth.orange >= 0.6
     assert min(lora.seen_colours, dreambooth.seen_colours) >= 0.8 and before.seen_colours >= 0.9
 
-    # the same LoRA file through the web-UI API, as a prompt tag
+    # the same LoRA file through the web-UI API, as a prompt tag (8 pictures: the server's default batch limit)
     server = Server(demo_model(), tmp_path, "--lora-dir", str(tmp_path / "loras"), env={"OMP_NUM_THREADS": "1"})
     try:
         status, body, _ = server.request("POST", "/sdapi/v1/txt2img", {
-            "prompt": WORD_PROMPT + " <lora:zorp:1>", "seed": 2000, "batch_size": 10, "steps": 20,
+            "prompt": WORD_PROMPT + " <lora:zorp:1>", "seed": 2000, "batch_size": 8, "steps": 20,
             "width": 64, "height": 64, "sampler_name": "DPM++ 2M"})
     finally:
         server.stop()
-    assert status == 200
-    orange = sum(describe(from_b64(im)).foreground == "orange" for im in body["images"]) / 10
+    assert status == 200, body
+    orange = sum(describe(from_b64(im)).foreground == "orange" for im in body["images"]) / 8
     print(f"[zorp] through /sdapi/v1/txt2img with <lora:zorp:1>: orange {orange:.0%}")
     assert orange >= 0.7
