@@ -3,6 +3,8 @@ the same effect, resuming equals running through."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -162,3 +164,29 @@ def test_aspect_ratio_buckets_batch_pictures_of_one_shape(tiny_models, tmp_path)
     wide, tall = nearest_bucket(128, 64, bucket_sizes(64)), nearest_bucket(64, 128, bucket_sizes(64))
     assert shapes == {(wide[1] // 8, wide[0] // 8), (tall[1] // 8, tall[0] // 8), (8, 8)}
     assert all(len({tuple(t.shape) for t in take(s)[0]}) == 1 for s in range(5))
+
+
+def test_locon_trains_the_resblocks_and_diffusers_loads_it_alike(tiny_models, tmp_path):
+    """--conv-rank: kohya's conv_dim targets (ResnetBlock2D, Downsample2D, Upsample2D); the 3x3 convs at the
+    conv rank. diffusers' loader must place every module where ours does, or the outputs differ."""
+    tiny = tiny_models["sd1"]
+    data = _data(tmp_path / "data")
+    out = tmp_path / "locon"
+    assert main(["train", "lora", "--model", str(tiny.single_file), "--data", str(data), "--out", str(out),
+                 "--steps", "20", "--size", "64", "--lr", "3e-3", "--rank", "4", "--conv-rank", "2",
+                 "--conv-alpha", "1", "--text-encoder", "--device", "cpu", "--name", "locon"]) == 0
+    path = out / "locon.safetensors"
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        assert f.get_tensor("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight").shape[:2] == (2, 32)
+        assert json.loads(f.metadata()["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
+    for part in ("resnets_0_conv1", "resnets_0_time_emb_proj", "downsamplers_0_conv", "upsamplers_0_conv",
+                 "mid_block_resnets_1_conv2"):
+        assert any(part in k for k in keys), part
+    model = load_model(tiny.single_file).model
+    base = run_ours(model, *inputs(tiny))
+    LoraPatcher(model).apply([(read_lora(path), 1.0, 1.0)])
+    pipe = pipe_for(tiny)
+    pipe.load_lora_weights(str(out), weight_name=path.name)
+    pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0)
+    assert_matches_reference(tiny, model, pipe, base, "trained LoCon file")

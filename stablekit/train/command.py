@@ -30,6 +30,10 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     lora.add_argument("--alpha", type=float, default=None,
                       help="scale numerator: the branches add alpha/rank times their output (default: rank)")
     lora.add_argument("--text-encoder", action="store_true", help="also train the text encoder's branches (SD 1.x)")
+    lora.add_argument("--conv-rank", type=int, default=None,
+                      help="also train the ResBlocks and resampling convs, the 3x3 ones at this rank "
+                           "(LoCon; kohya's conv_dim)")
+    lora.add_argument("--conv-alpha", type=float, default=None, help="the 3x3 convs' alpha (default: --conv-rank)")
     lora.add_argument("--name", default=None, help="the file's name and its ss_output_name")
     lora.add_argument("--peft", action="store_true",
                       help="also write a diffusers/PEFT copy, OUT/pytorch_lora_weights.safetensors")
@@ -152,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         path = train_lora(args.model, args.data, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                           rank=args.rank, alpha=args.alpha, size=args.size, text_encoder=args.text_encoder,
                           device=args.device, prediction=args.prediction, name=args.name, peft=args.peft,
+                          conv_rank=args.conv_rank, conv_alpha=args.conv_alpha,
                           **_data_options(args))
     else:
         from .finetune import finetune

@@ -36,10 +36,12 @@ class LoraBranch(nn.Module):
     def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, alpha: float, peft_name: str):
         super().__init__()
         self.peft_name = peft_name  # the diffusers/PEFT name: "unet.down_blocks.0.attentions.0.proj_in", ...
-        linear = isinstance(base, nn.Linear)
-        n_in, n_out = (base.in_features, base.out_features) if linear else (base.in_channels, base.out_channels)
-        make = (lambda i, o: nn.Linear(i, o, bias=False)) if linear else (lambda i, o: nn.Conv2d(i, o, 1, bias=False))
-        self.lora_down, self.lora_up = make(n_in, rank), make(rank, n_out)
+        if isinstance(base, nn.Linear):
+            self.lora_down = nn.Linear(base.in_features, rank, bias=False)
+            self.lora_up = nn.Linear(rank, base.out_features, bias=False)
+        else:  # a conv: down has its kernel, stride and padding (LoCon for 3x3), up is 1x1
+            self.lora_down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False)
+            self.lora_up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
         self.rank, self.alpha = rank, alpha
@@ -54,41 +56,66 @@ class LoraBranch(nn.Module):
         self.base[0].forward = self.base_forward
 
 
-def _unet_targets(unet: nn.Module) -> dict[str, nn.Module]:
-    """Module path -> Linear / 1x1 Conv2d inside each SpatialTransformer."""
+def _unet_targets(unet: nn.Module, conv: bool) -> dict[str, nn.Module]:
+    """Module path -> Linear / Conv2d to train: the layers inside each SpatialTransformer (kohya's
+    default), and with `conv` every layer of the ResBlocks and the down/upsampling convs (kohya's
+    conv_dim targets: ResnetBlock2D, Downsample2D, Upsample2D)."""
+    kinds = {"SpatialTransformer"} | ({"ResBlock", "Downsample", "Upsample"} if conv else set())
     out = {}
     for name, m in unet.named_modules():
-        if type(m).__name__ == "SpatialTransformer":
+        if type(m).__name__ in kinds:
             for sub, layer in m.named_modules(prefix=name):
-                if isinstance(layer, nn.Linear) or (isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1)):
+                if isinstance(layer, (nn.Linear, nn.Conv2d)):
                     out[sub] = layer
     return out
 
 
+_RESNET_PARTS = {"in_layers.2": "conv1", "out_layers.3": "conv2", "skip_connection": "conv_shortcut",
+                 "emb_layers.1": "time_emb_proj"}
+
+
 def diffusers_unet_name(path: str, num_res_blocks: int) -> str:
-    """An LDM UNet module path -> the diffusers one kohya names (input_blocks.4.1.X -> down_blocks.1.attentions.1.X)."""
+    """An LDM UNet module path -> the diffusers one kohya names: input_blocks.4.1.X ->
+    down_blocks.1.attentions.0.X, input_blocks.4.0.in_layers.2 -> down_blocks.1.resnets.0.conv1,
+    input_blocks.3.0.op -> down_blocks.0.downsamplers.0.conv, and so on."""
     n = num_res_blocks + 1
     if m := re.fullmatch(r"input_blocks\.(\d+)\.1\.(.+)", path):
         i = int(m[1]) - 1
         return f"down_blocks.{i // n}.attentions.{i % n}.{m[2]}"
+    if m := re.fullmatch(r"input_blocks\.(\d+)\.0\.op", path):
+        return f"down_blocks.{(int(m[1]) - 1) // n}.downsamplers.0.conv"
+    if (m := re.fullmatch(r"input_blocks\.(\d+)\.0\.(.+)", path)) and m[2] in _RESNET_PARTS:
+        i = int(m[1]) - 1
+        return f"down_blocks.{i // n}.resnets.{i % n}.{_RESNET_PARTS[m[2]]}"
     if m := re.fullmatch(r"middle_block\.1\.(.+)", path):
         return f"mid_block.attentions.0.{m[1]}"
+    if (m := re.fullmatch(r"middle_block\.([02])\.(.+)", path)) and m[2] in _RESNET_PARTS:
+        return f"mid_block.resnets.{int(m[1]) // 2}.{_RESNET_PARTS[m[2]]}"
+    if m := re.fullmatch(r"output_blocks\.(\d+)\.[12]\.conv", path):
+        return f"up_blocks.{int(m[1]) // n}.upsamplers.0.conv"
     if m := re.fullmatch(r"output_blocks\.(\d+)\.1\.(.+)", path):
         i = int(m[1])
         return f"up_blocks.{i // n}.attentions.{i % n}.{m[2]}"
-    raise ValueError(f"not a transformer layer of the UNet: {path}")
+    if (m := re.fullmatch(r"output_blocks\.(\d+)\.0\.(.+)", path)) and m[2] in _RESNET_PARTS:
+        i = int(m[1])
+        return f"up_blocks.{i // n}.resnets.{i % n}.{_RESNET_PARTS[m[2]]}"
+    raise ValueError(f"no diffusers name for the UNet layer {path}")
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float, text_encoder: bool = False) -> nn.ModuleDict:
-    """Branches on the model's UNet (and text encoder); keys are the kohya module names."""
-    if rank < 1:
-        raise ValueError(f"--rank must be at least 1, got {rank}")
+def add_lora(model: nn.Module, rank: int, alpha: float, text_encoder: bool = False,
+             conv_rank: int | None = None, conv_alpha: float | None = None) -> nn.ModuleDict:
+    """Branches on the model's UNet (and text encoder); keys are the kohya module names. `conv_rank`
+    adds the ResBlocks and resampling convs (3x3 convs at conv_rank / conv_alpha, kohya's conv_dim)."""
+    if rank < 1 or (conv_rank is not None and conv_rank < 1):
+        raise ValueError(f"--rank and --conv-rank must be at least 1, got {rank} and {conv_rank}")
     cfg = model.cfg
     branches = {}
-    for path, layer in _unet_targets(model.unet).items():
+    for path, layer in _unet_targets(model.unet, conv_rank is not None).items():
         diffusers_name = diffusers_unet_name(path, cfg.unet.num_res_blocks)
+        wide = isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1)
+        r, a = (conv_rank, conv_rank if conv_alpha is None else conv_alpha) if wide else (rank, alpha)
         branches["lora_unet_" + diffusers_name.replace(".", "_")] = LoraBranch(
-            layer, rank, alpha, "unet." + diffusers_name)
+            layer, r, float(a), "unet." + diffusers_name)
     if text_encoder:
         if cfg.text.layout != "clip":
             raise ValueError("--text-encoder LoRA is for SD 1.x text encoders (CLIP ViT-L) here; SD 2's OpenCLIP "
@@ -167,7 +194,8 @@ def train_lora(model: str | Path, data: Path, out: Path, *, steps: int, batch_si
                device: str = "auto", prediction: str | None = None, seed: int = 0, name: str | None = None,
                stop_after: int | None = None, caption_dropout: float = 0.0, flip: bool = False, buckets: bool = False,
                ema: float = 0.0, gradient_checkpointing: bool = False,
-               autocast: torch.dtype | None = None, peft: bool = False) -> Path | None:
+               autocast: torch.dtype | None = None, peft: bool = False, conv_rank: int | None = None,
+               conv_alpha: float | None = None) -> Path | None:
     """Train LoRA branches on `data` (pictures with same-name .txt captions); resumable from `out`.
 
     Writes out/NAME.safetensors (kohya format, fp16) and returns its path, and with `peft` a diffusers/PEFT
@@ -180,7 +208,7 @@ def train_lora(model: str | Path, data: Path, out: Path, *, steps: int, batch_si
     size = size or loaded.config.resolution
     alpha = float(rank if alpha is None else alpha)
     torch.manual_seed(seed)  # the down projections' start
-    branches = add_lora(sd_model, rank, alpha, text_encoder).to(dev)
+    branches = add_lora(sd_model, rank, alpha, text_encoder, conv_rank, conv_alpha).to(dev)
     batches = captioned_batches(pairs, sd_model.vae, size, batch_size, seed, dev, flip, buckets)
     stage = StageConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=min(100, steps // 10 + 1),
                         weight_decay=0.0, sample_every=max(steps // 4, 1), seed=seed, stop_after=stop_after, ema=ema)
@@ -193,6 +221,9 @@ def train_lora(model: str | Path, data: Path, out: Path, *, steps: int, batch_si
     name = name or out.name
     meta = kohya_metadata(family=loaded.config.family, rank=rank, alpha=alpha, steps=steps, lr=lr, resolution=size,
                           text_encoder=text_encoder, name=name, captions=[c for _, c in pairs])
+    if conv_rank is not None:
+        meta["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank),
+                                              "conv_alpha": str(conv_rank if conv_alpha is None else conv_alpha)})
     if peft:
         tensors, metadata = peft_file(branches)
         save_file(tensors, str(out / "pytorch_lora_weights.safetensors"), metadata=metadata)
