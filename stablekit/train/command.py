@@ -39,7 +39,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                       help="also write a diffusers/PEFT copy, OUT/pytorch_lora_weights.safetensors")
 
     db = stages.add_parser("dreambooth", help="DreamBooth: a subject from a few pictures, with prior preservation")
-    db.add_argument("--model", "-m", required=True, help="checkpoint file, diffusers folder or hub repo id")
+    _add_run_args(db, "OUT/dreambooth.safetensors", lr=None, steps=400, lr_help="default 5e-6, or 1e-4 with --lora")
     db.add_argument("--instance-data", type=Path, required=True, help="folder of the subject's pictures")
     db.add_argument("--instance-prompt", required=True, help='their caption, e.g. "a photo of sks dog"')
     db.add_argument("--class-prompt", default=None, help='prior preservation\'s prompt, e.g. "a photo of dog"')
@@ -47,19 +47,10 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                     help="class pictures; topped up by the model itself (default folder: OUT/class-pictures)")
     db.add_argument("--num-class-images", type=int, default=100)
     db.add_argument("--prior-loss-weight", type=float, default=1.0)
-    db.add_argument("--out", type=Path, required=True,
-                    help="run folder (resumable); the result is OUT/dreambooth.safetensors")
-    db.add_argument("--steps", type=int, default=400)
-    db.add_argument("--batch-size", type=int, default=1)
-    db.add_argument("--lr", type=float, default=None, help="default 5e-6, or 1e-4 with --lora")
-    db.add_argument("--size", type=int, default=None, help="training picture size (default: the model's resolution)")
     db.add_argument("--train-text-encoder", action="store_true")
     db.add_argument("--lora", action="store_true", help="train LoRA branches and write a kohya file")
     db.add_argument("--rank", type=int, default=8)
     db.add_argument("--alpha", type=float, default=None)
-    db.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    db.add_argument("--prediction", choices=["eps", "v"], help="override the prediction type (weights cannot tell)")
-    _add_memory_args(db)
 
     emb = stages.add_parser("embedding", help="textual inversion: new vectors for a token (the web UI's .safetensors)")
     _add_data_args(emb, "OUT/TOKEN.safetensors", lr=5e-3)
@@ -68,24 +59,31 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     emb.add_argument("--vectors", type=int, default=1, help="vectors per token")
 
 
-def _add_data_args(p: argparse.ArgumentParser, result: str, lr: float, caption_dropout: float = 0.0) -> None:
+def _add_run_args(p: argparse.ArgumentParser, result: str, lr: float | None, steps: int = 1000,
+                  lr_help: str | None = None) -> None:
+    """What every fine-tuning command takes: the model, the run folder, the optimiser, the device, memory."""
     p.add_argument("--model", "-m", required=True, help="checkpoint file, diffusers folder or hub repo id")
-    p.add_argument("--data", type=Path, required=True,
-                   help="folder of pictures, each with a same-name .txt caption (a.png + a.txt)")
     p.add_argument("--out", type=Path, required=True, help=f"run folder (resumable); the result is {result}")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--lr", type=float, default=lr, help=lr_help)
     p.add_argument("--size", type=int, default=None, help="training picture size (default: the model's resolution)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--prediction", choices=["eps", "v"], help="override the prediction type (weights cannot tell)")
+    _add_memory_args(p)
+
+
+def _add_data_args(p: argparse.ArgumentParser, result: str, lr: float, caption_dropout: float = 0.0) -> None:
+    """The run arguments, and a captioned picture folder with its options."""
+    _add_run_args(p, result, lr)
+    p.add_argument("--data", type=Path, required=True,
+                   help="folder of pictures, each with a same-name .txt caption (a.png + a.txt)")
     p.add_argument("--caption-dropout", type=float, default=caption_dropout,
                    help="probability of training a picture with an empty caption")
     p.add_argument("--flip", action="store_true", help="mirror pictures left-right at random")
     p.add_argument("--buckets", action="store_true",
                    help="aspect-ratio buckets of about --size squared pixels instead of square crops")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the trained weights (0: none), e.g. 0.999")
-    _add_memory_args(p)
 
 
 def _add_memory_args(p: argparse.ArgumentParser) -> None:
