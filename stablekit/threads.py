@@ -14,6 +14,7 @@ import os
 import resource
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 MIN_WINDOW = 0.2  # seconds of CPU accounting needed for a usable busy measure
 
@@ -24,6 +25,18 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def physical_cores() -> int:
+    """Cores (not hyper-threads) among those this process may use, as torch counts its default; the
+    usable CPU count where the topology is not readable."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+        siblings = {Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text().strip()
+                    for c in cpus}
+        return max(1, len(siblings))
+    except (AttributeError, OSError):
+        return usable_cores()
 
 
 def _busy_seconds() -> float | None:
@@ -70,9 +83,11 @@ def free_cores(since: CpuSample) -> float | None:
 
 
 def auto_threads(since: CpuSample) -> int:
-    """Threads for a run: the cores free since `since`, at least 1. OMP_NUM_THREADS, when set, is the
-    user's choice and wins."""
+    """Threads for a run: the CPUs free since `since`, at least 1 and at most the physical cores (torch's
+    own default: a second thread on a hyper-threaded core slows these kernels down). OMP_NUM_THREADS,
+    when set, is the user's choice and wins."""
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     free = free_cores(since)
-    return usable_cores() if free is None else max(1, min(usable_cores(), round(free)))
+    cap = physical_cores()
+    return cap if free is None else max(1, min(cap, round(free)))

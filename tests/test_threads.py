@@ -34,6 +34,7 @@ def test_a_busy_process_takes_a_core_off_the_count():
 def test_the_count_is_the_free_cores_rounded_and_at_least_one(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "usable_cores", lambda: 8)
+    monkeypatch.setattr(threads, "physical_cores", lambda: 8)
     monkeypatch.setattr(threads, "_own_seconds", lambda: 0.0)
     clock = iter([0.0, 1.0] * 4)
     monkeypatch.setattr(threads.time, "monotonic", lambda: next(clock))
@@ -47,7 +48,16 @@ def test_omp_num_threads_wins_and_a_machine_without_proc_stat_uses_every_core(mo
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert auto_threads(CpuSample(0.0, None, 0.0)) == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert auto_threads(CpuSample(0.0, None, 0.0)) == usable_cores()
+    assert auto_threads(CpuSample(0.0, None, 0.0)) == threads.physical_cores()
+
+
+def test_hyper_threads_are_not_counted_as_cores(monkeypatch):
+    assert 1 <= threads.physical_cores() <= usable_cores()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 16)
+    monkeypatch.setattr(threads, "physical_cores", lambda: 8)
+    monkeypatch.setattr(threads, "free_cores", lambda since: 16.0)
+    assert auto_threads(CpuSample(0.0, 0.0, 0.0)) == 8
 
 
 def test_the_command_line_says_how_many_threads_it_chose(tiny_models, tmp_path, capsys, monkeypatch):
