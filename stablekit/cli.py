@@ -406,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"info": _info, "samplers": _samplers, "serve": _serve, "train": _train, "depth": _depth,
                     "preprocess": _preprocess}
         return commands[args.command](args)
+    except BrokenPipeError:  # the reader went away (`stablekit samplers | head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141
     except (CheckpointError, ValueError, OSError) as e:  # bad input, unreadable or unwritable files
         print(f"stablekit: error: {e}", file=sys.stderr)
         return 2

@@ -71,3 +71,11 @@ def test_import_stablekit_is_lazy_but_its_names_are_there():
     assert out.split() == ["False", "False", "True"]
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         stablekit.nothing  # noqa: B018 - the access is the test
+
+
+def test_a_closed_pipe_ends_the_output_quietly():
+    """`stablekit samplers | true`: the reader is gone before the table is written (as with `| head` on a
+    long output); no error message, no traceback, the shell's 141."""
+    proc = subprocess.run(f"{sys.executable} -m stablekit.cli samplers | true; echo ${{PIPESTATUS[0]}}",
+                          shell=True, executable="/bin/bash", capture_output=True, text=True, check=True)
+    assert proc.stderr == "" and proc.stdout.strip() == "141"
