@@ -19,8 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .analyse import describe
-from .rates import SEEN
+from .rates import read_prompt, seen_colour_rate
 from .shapes import Scene, Shape, render
 
 WORD_PROMPT = "a zorp on a grey background"
@@ -48,15 +47,10 @@ class WordRates:
 
 def word_rates(engine, seeds: int = 20, tag: str = "", seed: int = 2000) -> WordRates:
     """The rates of `engine`, with `tag` (a <lora:...> tag) added to every prompt."""
-    def read(prompt: str):
-        return [describe(im) for im in engine.txt2img(prompt=prompt + tag, seed=seed, batch_size=seeds)]
-
-    found = read(WORD_PROMPT)
-    seen = [d.background == bg and d.foreground == c
-            for c, s, bg in SEEN for d in read(f"a {c} {s} on a {bg} background")]
+    found = read_prompt(engine, WORD_PROMPT + tag, seeds, seed)
     return WordRates(sum(d.foreground == "orange" for d in found) / seeds,
                      sum(d.foreground == "orange" and d.shape == "ring" for d in found) / seeds,
-                     sum(seen) / len(seen))
+                     seen_colour_rate(engine, seeds, seed, tag=tag))
 
 
 def picture_rows(engine, tags: list[str], columns: int = 8, seed: int = 2000):

@@ -32,13 +32,23 @@ class Rates:
     per_place: dict[str, float]
 
 
+def read_prompt(engine, prompt: str, seeds: int, seed: int, steps: int = 20) -> list:
+    """The analyser's descriptions of `seeds` pictures of `prompt` (seeds seed, seed + 1, ...)."""
+    return [describe(im) for im in engine.txt2img(prompt=prompt, seed=seed, batch_size=seeds, steps=steps)]
+
+
+def seen_colour_rate(engine, seeds: int, seed: int, steps: int = 20, tag: str = "") -> float:
+    """Share of pictures of the SEEN prompts (with `tag` appended) whose two colours are right."""
+    hits = [d.background == bg and d.foreground == c for c, s, bg in SEEN
+            for d in read_prompt(engine, f"a {c} {s} on a {bg} background{tag}", seeds, seed, steps)]
+    return sum(hits) / len(hits)
+
+
 def measure(engine, seeds: int = 20, steps: int = 20, seed: int = 1000) -> Rates:
     """The three rates of `engine` (a loaded shapes model) over `seeds` pictures per prompt."""
     def pictures(prompt: str):
-        return [describe(im) for im in engine.txt2img(prompt=prompt, seed=seed, batch_size=seeds, steps=steps)]
+        return read_prompt(engine, prompt, seeds, seed, steps)
 
-    colour = [d.background == bg and d.foreground == c
-              for c, s, bg in SEEN for d in pictures(f"a {c} {s} on a {bg} background")]
     pairs = sorted(HELD_OUT_PAIRS)
     per_shape = {}
     for i, kind in enumerate(SHAPES):
@@ -51,7 +61,8 @@ def measure(engine, seeds: int = 20, steps: int = 20, seed: int = 1000) -> Rates
         found = pictures(f"a {c} {SHAPES[i % len(SHAPES)]} {words}, {bg} background")
         per_place[place] = sum(d.place == place for d in found) / seeds
     mean = lambda values: sum(values) / len(values)  # noqa: E731
-    return Rates(mean(colour), mean(per_shape.values()), mean(per_place.values()), per_shape, per_place)
+    return Rates(seen_colour_rate(engine, seeds, seed, steps), mean(per_shape.values()), mean(per_place.values()),
+                 per_shape, per_place)
 
 
 def main(argv: list[str] | None = None) -> int:

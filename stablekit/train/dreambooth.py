@@ -73,10 +73,11 @@ def train_dreambooth(model: str | Path, instance_data: Path, instance_prompt: st
         classes = [(p, class_prompt) for p in make_class_pictures(model, folder, class_prompt, num_class_images,
                                                                       size, device)]
     sd_model = loaded.model
+    alpha = float(rank if alpha is None else alpha)
     branches = None
     if lora:
         torch.manual_seed(seed)
-        branches = add_lora(sd_model, rank, float(rank if alpha is None else alpha), train_text_encoder).to(dev)
+        branches = add_lora(sd_model, rank, alpha, train_text_encoder).to(dev)
     batches = _batches(instances, classes, sd_model, size, batch_size, seed, dev, prior_loss_weight)
     stage = StageConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=min(100, steps // 10 + 1),
                         sample_every=max(steps // 4, 1), seed=seed, stop_after=stop_after)
@@ -91,7 +92,7 @@ def train_dreambooth(model: str | Path, instance_data: Path, instance_prompt: st
     path = out / "dreambooth.safetensors"
     if branches is None:
         return export_checkpoint(loaded, path)
-    meta = kohya_metadata(family=loaded.config.family, rank=rank, alpha=float(rank if alpha is None else alpha),
+    meta = kohya_metadata(family=loaded.config.family, rank=rank, alpha=alpha,
                           steps=steps, lr=lr, resolution=size, text_encoder=train_text_encoder, name="dreambooth",
                           captions=[instance_prompt] * len(instances))
     return write_lora(branches, path, meta)
