@@ -94,7 +94,7 @@ def test_event_stream_reports_status_progress_previews_and_the_end(app_client):
 def test_queue_is_fifo_bounded_and_cancellable(app_client):
     app, client = app_client
     backend = app.state.backend
-    with backend._engine_lock:  # hold the worker: the first job waits at the engine, the others queue
+    with backend.slot.lock:  # hold the worker: the first job waits at the engine, the others queue
         first = client.post("/api/v1/jobs", json=JOB).json()["id"]
         deadline = time.monotonic() + WAIT_S
         while client.get(f"/api/v1/jobs/{first}").json()["status"] != "running" and time.monotonic() < deadline:

@@ -35,6 +35,20 @@ class UsedLora:
     unet_weight: float
 
 
+def lora_files(folder: Path | None) -> dict[str, Path]:
+    """A LoRA folder's files by the names a prompt can use (file name; a training name also works)."""
+    if folder is None:
+        return {}
+    return {p.stem: p for p in sorted(folder.rglob("*")) if p.suffix.lower() in LORA_SUFFIXES}
+
+
+def vae_files(folder: Path | None) -> dict[str, Path]:
+    """A VAE folder's files by file name (the web UI's sd_vae values)."""
+    if folder is None:
+        return {}
+    return {p.name: p for p in sorted(folder.rglob("*")) if p.suffix.lower() in SINGLE_FILE_SUFFIXES}
+
+
 class Addons:
     def __init__(self, model: StableDiffusionModel, lora_dir: str | Path | None = None,
                  embeddings_dir: str | Path | None = None, vae_dir: str | Path | None = None,
@@ -58,10 +72,7 @@ class Addons:
 
     # --- LoRA -------------------------------------------------------------------------------------
     def lora_files(self) -> dict[str, Path]:
-        """The LoRA folder's files by the names a prompt can use (file name; a training name also works)."""
-        if self.lora_dir is None:
-            return {}
-        return {p.stem: p for p in sorted(self.lora_dir.rglob("*")) if p.suffix.lower() in LORA_SUFFIXES}
+        return lora_files(self.lora_dir)
 
     def _read(self, path: Path) -> LoraFile:
         mtime = path.stat().st_mtime if path.exists() else 0.0
@@ -106,10 +117,7 @@ class Addons:
         self.vae = (Path(path).stem if Path(path).is_file() else Path(path).name, vae_hash(path))
 
     def vae_files(self) -> dict[str, Path]:
-        """The VAE folder's files by file name (the web UI's sd_vae values)."""
-        if self.vae_dir is None:
-            return {}
-        return {p.name: p for p in sorted(self.vae_dir.rglob("*")) if p.suffix.lower() in SINGLE_FILE_SUFFIXES}
+        return vae_files(self.vae_dir)
 
     def use_vae(self, name: str | None) -> None:
         """A VAE of the folder by file name; None, "Automatic" or "None": the checkpoint's own."""

@@ -162,7 +162,11 @@ def encode_picture(model: StableDiffusionModel, pictures: torch.Tensor) -> torch
 @torch.inference_mode()
 def decode(model: StableDiffusionModel, latents: torch.Tensor) -> torch.Tensor:
     """scaled latents [B, 4, h, w] -> pictures [B, 3, 8h, 8w] float32 in [0, 1]."""
-    vae = model.vae
+    return vae_decode(model.vae, latents)
+
+
+def vae_decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """`decode` with the VAE alone (a preview's small decoder travels without its model)."""
     dtype = next(vae.parameters()).dtype
     pictures = vae.decode((latents / vae.cfg.scale_factor + vae.cfg.shift_factor).to(dtype)).float()
     return ((pictures + 1) / 2).clamp(0, 1)

@@ -23,7 +23,7 @@ from .routes_sdapi import sdapi_router
 from .routes_tools import tools_router
 from .security import BodyLimit, auth_dependency
 from .ui import mount_ui
-from .worker import EngineLoader, LocalBackend
+from .worker import Backend, EngineLoader, LocalBackend
 
 
 def default_loader(config: ServerConfig) -> EngineLoader:
@@ -37,8 +37,9 @@ def default_loader(config: ServerConfig) -> EngineLoader:
     return load
 
 
-def create_app(config: ServerConfig, loader: EngineLoader | None = None) -> FastAPI:
-    backend = LocalBackend(config, loader or default_loader(config))
+def create_app(config: ServerConfig, loader: EngineLoader | None = None, backend: Backend | None = None) -> FastAPI:
+    """The app over `backend` (default: a LocalBackend with `loader`, which defaults to the engine's own)."""
+    backend = backend or LocalBackend(config, loader or default_loader(config))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

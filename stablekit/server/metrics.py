@@ -33,16 +33,14 @@ class Metrics:
     step_seconds: float = 0.0  # summed time between sampler steps
     job_seconds: float = 0.0  # summed run time of finished jobs
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _last_step: float | None = None
 
-    def step(self, first: bool) -> None:
-        """A sampler step finished (`first`: the job's first, whose time includes its set-up: not timed)."""
-        now = time.perf_counter()
+    def step(self, seconds: float | None) -> None:
+        """A sampler step finished in `seconds` (None: a job's first, whose time includes its set-up)."""
+        if seconds is None:
+            return
         with self._lock:
-            if not first and self._last_step is not None:
-                self.steps += 1
-                self.step_seconds += now - self._last_step
-            self._last_step = now
+            self.steps += 1
+            self.step_seconds += seconds
 
     def job_finished(self, rec: JobRecord, outcome: str, images: int) -> None:
         seconds = (time.time() - rec.started) if rec.started else 0.0
@@ -50,7 +48,6 @@ class Metrics:
             self.jobs[outcome] = self.jobs.get(outcome, 0) + 1
             self.images += images
             self.job_seconds += seconds
-            self._last_step = None
         request = rec.request or {}
         log.info(json.dumps({
             "event": "job", "id": rec.id, "kind": rec.kind, "task": rec.task,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -20,7 +21,7 @@ from PIL import Image
 from ..config import SD_PREVIEW_RGB, VAEConfig
 from ..images import to_pil
 from ..models import StableDiffusionModel
-from ..pipeline.steps import decode
+from ..pipeline.steps import vae_decode
 
 LATENT_RGB = torch.tensor(SD_PREVIEW_RGB)  # [4 latent channels, 3 colours]
 
@@ -41,11 +42,28 @@ def latent_preview(latent: torch.Tensor, scale: int = 1, rgb_map: Sequence[Seque
     return image
 
 
+@dataclass
+class Previewer:
+    """Pictures of latents in one model's latent format: its map, or its small decoder (`vae`)."""
+
+    cfg: VAEConfig
+    vae: torch.nn.Module | None = None  # only for a format previewed through its own decoder
+
+    def __call__(self, latent: torch.Tensor) -> Image.Image:
+        """latent [C, h, w] -> a picture."""
+        if self.vae is None:
+            return latent_preview(latent, rgb_map=self.cfg.preview_rgb, bias=self.cfg.preview_bias)
+        with torch.no_grad():
+            return to_pil(vae_decode(self.vae, latent.reshape(-1, *latent.shape[-3:])[:1]))[0]
+
+
+def model_previewer(model: StableDiffusionModel, cfg: VAEConfig) -> Previewer:
+    return Previewer(cfg, model.vae if cfg.preview_decoder else None)
+
+
 def model_preview(latent: torch.Tensor, model: StableDiffusionModel, cfg: VAEConfig) -> Image.Image:
-    """A picture of a latent [C, h, w] in the model's latent format: its map, or its small decoder."""
-    if not cfg.preview_decoder:
-        return latent_preview(latent, rgb_map=cfg.preview_rgb, bias=cfg.preview_bias)
-    return to_pil(decode(model, latent.reshape(-1, *latent.shape[-3:])[:1]))[0]
+    """A picture of a latent [C, h, w] in the model's latent format."""
+    return model_previewer(model, cfg)(latent)
 
 
 def png_base64(image: Image.Image, parameters: str | None = None) -> str:

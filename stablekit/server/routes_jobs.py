@@ -21,17 +21,17 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from .errors import ApiError
 from .jobs import FINISHED, RUNNING, JobRecord, valid_job_id
 from .previews import png_base64
-from .worker import LocalBackend
+from .worker import Backend
 
 POLL_S = 0.2  # how often the event stream looks at the job
 HEARTBEAT_S = 15.0  # a comment line keeps proxies from closing an idle stream
 
 
-def job_json(backend: LocalBackend, rec: JobRecord) -> dict[str, Any]:
+def job_json(backend: Backend, rec: JobRecord) -> dict[str, Any]:
     base = f"/api/v1/jobs/{rec.id}"
-    p = backend.progress
+    p = backend.progress_of(rec.id)
     live = None
-    if rec.status == RUNNING and p.job_id == rec.id:
+    if rec.status == RUNNING and p is not None:
         live = {"fraction": p.fraction(), "step": p.step, "steps": p.steps, "job_no": p.job_no, "job_count": p.job_count}
     params = {k: v for k, v in rec.request.items() if k not in ("init_images", "mask")}
     return {
@@ -43,7 +43,7 @@ def job_json(backend: LocalBackend, rec: JobRecord) -> dict[str, Any]:
     }
 
 
-def jobs_router(backend: LocalBackend, auth: Any) -> APIRouter:
+def jobs_router(backend: Backend, auth: Any) -> APIRouter:
     router = APIRouter(prefix="/api/v1/jobs", dependencies=[Depends(auth)], tags=["job API"])
 
     def record(job_id: str) -> JobRecord:
@@ -96,7 +96,7 @@ def _event(name: str, data: Any) -> str:
     return f"event: {name}\ndata: {json.dumps(data)}\n\n"
 
 
-async def _stream(backend: LocalBackend, job_id: str, request: Request, previews: bool) -> AsyncIterator[str]:
+async def _stream(backend: Backend, job_id: str, request: Request, previews: bool) -> AsyncIterator[str]:
     """Poll the job and send what changed; ends with the final state (bounded by the job's life)."""
     last_status, last_step, idle = None, None, 0.0
     while not await request.is_disconnected():
@@ -109,8 +109,8 @@ async def _stream(backend: LocalBackend, job_id: str, request: Request, previews
         if rec.status in FINISHED:
             yield _event(rec.status, job_json(backend, rec))
             return
-        p = backend.progress
-        if p.job_id == job_id and (p.job_no, p.step) != last_step and p.steps:
+        p = backend.progress_of(job_id)
+        if p is not None and (p.job_no, p.step) != last_step and p.steps:
             last_step = (p.job_no, p.step)
             yield _event("progress", {"id": job_id, "fraction": p.fraction(), "step": p.step, "steps": p.steps,
                                       "job_no": p.job_no, "job_count": p.job_count})

@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import APIRouter, Body, Depends
 
+from ..addons.session import lora_files, vae_files
 from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedule_names import SCHEDULE_LABELS
 from ..images import parse_infotext
@@ -24,10 +25,10 @@ from .errors import ApiError
 from .previews import png_base64
 from .uploads import decode_picture
 from .webui import echo
-from .worker import LocalBackend
+from .worker import Backend
 
 
-def sdapi_router(backend: LocalBackend, auth: Any) -> APIRouter:
+def sdapi_router(backend: Backend, auth: Any) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1", dependencies=[Depends(auth)], tags=["web UI API"])
 
     async def generate(task: str, req: Txt2ImgRequest | Img2ImgRequest) -> dict[str, Any]:
@@ -135,22 +136,21 @@ def sdapi_router(backend: LocalBackend, auth: Any) -> APIRouter:
     @router.get("/loras")
     def loras() -> list[dict[str, Any]]:
         """The LoRA folder's files, as the web UI's Lora extension lists them."""
-        addons = backend.engine.addons
-        return [{"name": name, "alias": name, "path": str(path.relative_to(addons.lora_dir)), "metadata": {}}
-                for name, path in addons.lora_files().items()]  # paths relative to the folder: no server paths
+        folder = backend.config.lora_dir
+        return [{"name": name, "alias": name, "path": str(path.relative_to(folder)), "metadata": {}}
+                for name, path in lora_files(folder).items()]  # paths relative to the folder: no server paths
 
     @router.get("/embeddings")
     def embeddings() -> dict[str, Any]:
         """Loaded textual-inversion embeddings, in the web UI's shape."""
         loaded = {name: {"step": e.step, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": e.dim,
-                         "vectors": e.num_vectors} for name, e in backend.engine.addons.embeddings.items()}
+                         "vectors": e.num_vectors} for name, e in backend.embeddings.items()}
         return {"loaded": loaded, "skipped": {}}
 
     @router.get("/sd-vae")
     def sd_vae() -> list[dict[str, Any]]:
         """The VAE folder's files (sd_vae values; "Automatic" is the checkpoint's own), names relative to it."""
-        addons = backend.engine.addons
-        return [{"model_name": path.stem, "filename": name} for name, path in addons.vae_files().items()]
+        return [{"model_name": path.stem, "filename": name} for name, path in vae_files(backend.config.vae_dir).items()]
 
     @router.get("/upscalers")
     def upscalers() -> list[dict[str, Any]]:

@@ -1,7 +1,7 @@
 """Picture tools outside the job queue: a picture's depth map (POST /api/v1/depth) and the web UI's
 extras upscaling (POST /sdapi/v1/extra-single-image: Lanczos, Nearest, or the SD x4 upscaler).
 
-Both run on the loaded model's thread lock (`LocalBackend.run_exclusive`), between jobs.
+Both run on the loaded model's thread lock (`Backend.run_exclusive`), between jobs.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from .api_models import DepthRequest, ExtrasSingleImageRequest
 from .errors import ApiError
 from .previews import png_base64
 from .uploads import decode_picture
-from .worker import LocalBackend
+from .worker import Backend
 
 EXTRAS_UPSCALERS = {"None": Image.Resampling.LANCZOS, "Lanczos": Image.Resampling.LANCZOS,
                     "Nearest": Image.Resampling.NEAREST, "SD x4": None}
 
 
-def tools_router(backend: LocalBackend, auth: Any) -> APIRouter:
+def tools_router(backend: Backend, auth: Any) -> APIRouter:
     router = APIRouter(dependencies=[Depends(auth)], tags=["tools"])
 
     @router.post("/api/v1/depth")

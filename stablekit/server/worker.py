@@ -1,6 +1,9 @@
-"""The local backend: one engine, one worker thread, jobs in FIFO order from the SQLite-backed queue.
+"""The backends: jobs in FIFO order from the SQLite-backed queue, run by worker threads.
 
-HTTP handlers only submit, look up and cancel; everything that touches the engine runs here.
+HTTP handlers only submit, look up and cancel. `Backend` keeps the queue, the records, the waiting
+clients and the progress of running jobs; how a job runs is its subclass's: `LocalBackend` runs it on
+the engine of this process (one worker), `RayBackend` (server/ray_serve.py) on Ray Serve replicas
+(one worker per replica).
 """
 
 from __future__ import annotations
@@ -17,11 +20,10 @@ import torch
 from PIL import Image
 
 from .. import __version__
-from ..diffusion.common import SamplingStopped
+from ..addons.embeddings import Embedding, read_embeddings_dir
+from ..addons.session import vae_files
 from ..engine import Engine
 from ..images import save_png
-from ..pipeline.control import Control
-from ..pipeline.control_maps import fit_control_map
 from .checkpoints import Checkpoint, Checkpoints
 from .config import ServerConfig
 from .controlnet_api import resolve_models, unit_dict
@@ -29,57 +31,21 @@ from .errors import ApiError
 from .jobs import CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, JobQueue, JobRecord, JobStore, LocalQueue, \
     QueueFull, new_job_id
 from .metrics import Metrics
-from .retention import Retention, prune
 from .previews import latent_preview, model_preview
-from .webui import Work, info_json, iteration_params, parse_request, to_work
+from .retention import Retention, prune
+from .runner import EngineLoader, EngineSlot, Outcome, Progress, run_job
+from .webui import Work, info_json, parse_request, to_work
 
 log = logging.getLogger("stablekit.server")
 PRUNE_EVERY_S = 60.0  # retention walks the output folders: at most once a minute
 
-EngineLoader = Callable[[str], Engine]
-
-
-class JobCancelled(Exception):
-    """Raised from the step callback when the running job is cancelled: no result is kept."""
-
-
-class ServerStopping(Exception):
-    """Raised from the step callback on shutdown: the job goes back to the queue for the next start."""
+__all__ = ["Backend", "EngineLoader", "JobResult", "LocalBackend", "Options", "Progress"]
 
 
 @dataclass
 class JobResult:
     record: JobRecord
     images: list[Image.Image]
-
-
-@dataclass
-class Progress:
-    """What the running job is doing, for /sdapi/v1/progress and the job API's events."""
-
-    job_id: str | None = None
-    task: str = ""
-    job_no: int = 0  # iteration of n_iter
-    job_count: int = 0
-    step: int = 0
-    steps: int = 0
-    started: float = 0.0
-    latent: torch.Tensor | None = None  # the first picture's x0 estimate [4, h, w]
-    interrupted: bool = False
-    skipped: bool = False
-    cancelled: bool = False
-    stopping: bool = False  # the server shuts down: leave the job for the next start
-    textinfo: str = ""
-    timestamp: str = "0"
-
-    def fraction(self) -> float:
-        """The web UI's formula: 0.01 + job_no/job_count + step/steps/job_count."""
-        if not self.job_count:
-            return 0.0
-        value = 0.01 + self.job_no / self.job_count
-        if self.steps:
-            value += self.step / self.steps / self.job_count
-        return min(value, 1.0)
 
 
 @dataclass
@@ -93,97 +59,104 @@ class Options:
 T = TypeVar("T")
 
 
-class LocalBackend:
-    """Submit / get / cancel / interrupt / skip; one worker thread runs the jobs on one engine."""
+class Backend:
+    """Submit / get / cancel / interrupt / skip; `workers` threads hand the queued jobs to `_execute`."""
 
-    def __init__(self, config: ServerConfig, loader: EngineLoader, queue: JobQueue | None = None):
+    def __init__(self, config: ServerConfig, queue: JobQueue | None = None, workers: int = 1):
         self.config = config
-        self.loader = loader
         self.store = JobStore(config.db_path)
         self.queue = queue or LocalQueue(config.limits.queue_size)
         self.checkpoints = Checkpoints(config.model, config.models_dir)
         self.options = Options(self.checkpoints.default())
-        self.progress = Progress()
         self.metrics = Metrics()
         self.retention = Retention(config.keep_results_days, config.max_results_bytes)
+        self.embeddings: dict[str, Embedding] = {}  # the --embeddings-dir files, read at start
         self._pruned = 0.0  # when retention last ran
-        self._engine: Engine | None = None
-        self._engine_title: str | None = None
-        self._engine_lock = threading.Lock()  # held while a job runs or a model loads
-        self._lock = threading.Lock()  # job state transitions, futures, pending work
+        self._lock = threading.Lock()  # job state transitions, futures, pending work, running jobs
         self._futures: dict[str, Future[JobResult]] = {}
         self._work: dict[str, Work] = {}  # validated work of queued jobs submitted in this process
+        self._running: dict[str, Progress] = {}  # by job id, in the order they started
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="stablekit-worker", daemon=True)
+        self._threads = [threading.Thread(target=self._loop, name=f"stablekit-worker-{i}", daemon=True)
+                         for i in range(workers)]
 
+    # --- what a subclass provides -------------------------------------------------------------
+    def _prepare(self) -> None:
+        """Load the start-up model (called once by start)."""
+        raise NotImplementedError
+
+    def _execute(self, rec: JobRecord, work: Work, checkpoint: Checkpoint, vae: str, progress: Progress) -> Outcome:
+        raise NotImplementedError
+
+    def _use(self, checkpoint: Checkpoint, vae: str) -> None:
+        """Make `checkpoint` with `vae` the current model now (a bad one is a 400 here, not at the next job)."""
+        raise NotImplementedError
+
+    def _signal(self, progress: Progress) -> None:
+        """A flag of a running job was set (interrupt, skip, cancel, stop): pass it on where it runs."""
+
+    def run_exclusive(self, fn: Callable[[Engine], T]) -> T:
+        """fn(engine) on the current model while no job runs there: short work outside the queue (depth maps)."""
+        raise NotImplementedError
+
+    def preview(self, latent: torch.Tensor) -> Image.Image:
+        """A cheap picture of a latent, in the current model's latent format."""
+        raise NotImplementedError
+
+    @property
+    def resolution(self) -> int | None:
+        """The current model's own picture size (the browser UI's default width and height)."""
+        raise NotImplementedError
+
+    # --- life cycle -----------------------------------------------------------------------------
     @property
     def has_upscaler(self) -> bool:
         """Whether an SD x4 upscaler model is configured (hires upscaler "SD x4", extras)."""
         return self.config.upscaler_model is not None
 
-    # --- life cycle -----------------------------------------------------------------------------
     def start(self) -> None:
-        """Load the start-up model, re-queue what a previous run left unfinished, start the worker (once)."""
-        if self._thread.is_alive():
+        """Load the start-up model, re-queue what a previous run left unfinished, start the workers (once)."""
+        if self._threads[0].is_alive():
             return
-        self._load(self.options.checkpoint)
+        self._prepare()
+        if self.config.embeddings_dir is not None:
+            self.embeddings = read_embeddings_dir(self.config.embeddings_dir)
         self.prune()
         for rec in self.store.recover():
             self.queue.put(rec.id, force=True)  # accepted before the restart: never refused now
             log.info("re-queued job %s left unfinished by the previous run", rec.id)
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
-        """Stop after the current step; the running job is put back as queued (a shutdown is not its fault)."""
+        """Stop after the current steps; running jobs are put back as queued (a shutdown is not their fault)."""
         self._stop.set()
-        self.progress.stopping = True
-        self._thread.join(timeout=10)
+        with self._lock:
+            running = list(self._running.values())
+        for progress in running:
+            progress.stopping = True
+            self._signal(progress)
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout=10)
 
     # --- models ---------------------------------------------------------------------------------
-    def _load(self, checkpoint: Checkpoint) -> Engine:
-        if self._engine is None or self._engine_title != checkpoint.title:
-            spec = self.config.model if checkpoint.title == self.checkpoints.default().title else checkpoint.filename
-            try:
-                engine = self.loader(spec)
-            except (ValueError, OSError) as e:
-                raise ApiError(400, f"cannot load {checkpoint.title}: {e}") from None
-            self._engine, self._engine_title = engine, checkpoint.title  # the old one is freed here
-        return self._engine
-
-    def set_vae(self, name: str) -> None:
-        """Switch the VAE now (waits for the running job), as POST /options sd_vae does."""
-        with self._engine_lock:
-            self.engine.addons.use_vae(name)
-        self.options.vae = name
-
     def set_checkpoint(self, name: str) -> Checkpoint:
-        """Switch the current model now (waits for the running job), as POST /options does."""
+        """Switch the current model now (waits for a running job), as POST /options does."""
         checkpoint = self.checkpoints.find(name)
-        with self._engine_lock:
-            self._load(checkpoint)
+        self._use(checkpoint, self.options.vae)
         self.options.checkpoint = checkpoint
         return checkpoint
 
-    @property
-    def resolution(self) -> int | None:
-        """The loaded model's own picture size (the browser UI's default width and height)."""
-        return self._engine.config.resolution if self._engine is not None else None
+    def set_vae(self, name: str) -> None:
+        """Switch the VAE now (waits for a running job), as POST /options sd_vae does."""
+        self._check_vae(name)
+        self._use(self.options.checkpoint, name)
+        self.options.vae = name
 
-    def preview(self, latent: torch.Tensor) -> Image.Image:
-        """A cheap picture of a latent, in the loaded model's latent format."""
-        if self._engine is None:
-            return latent_preview(latent)
-        return model_preview(latent, self._engine.loaded.model, self._engine.config.vae)
-
-    @property
-    def engine(self) -> Engine:
-        assert self._engine is not None
-        return self._engine
-
-    def run_exclusive(self, fn: Callable[[Engine], T]) -> T:
-        """fn(engine) while no job runs: short work on the loaded model outside the queue (depth maps)."""
-        with self._engine_lock:
-            return fn(self.engine)
+    def _check_vae(self, name: str | None) -> None:
+        if name not in (None, "Automatic", "None") and name not in vae_files(self.config.vae_dir):
+            raise ApiError(400, f"unknown VAE {name!r}; GET /sdapi/v1/sd-vae lists them")
 
     # --- jobs -----------------------------------------------------------------------------------
     def submit(self, kind: str, task: str, body: dict[str, Any], persist: bool = True) -> tuple[JobRecord, Future[JobResult]]:
@@ -192,8 +165,7 @@ class LocalBackend:
         work = to_work(task, req, self.config.limits, self.config.allow_url_images, self.options.clip_skip)
         if work.checkpoint is not None:
             work.checkpoint = self.checkpoints.find(work.checkpoint).title
-        if work.vae not in (None, "Automatic", "None") and work.vae not in self.engine.addons.vae_files():
-            raise ApiError(400, f"unknown VAE {work.vae!r}; GET /sdapi/v1/sd-vae lists them")
+        self._check_vae(work.vae)
         work.controls = resolve_models(work.controls, self.config.controlnet_dir)
         stored = req.model_dump(exclude_unset=True)
         stored["seed"] = work.params.seed  # a re-run after a restart repeats the same pictures
@@ -225,7 +197,7 @@ class LocalBackend:
         return rec, future
 
     def _retry_after(self) -> int:
-        return max(1, min(60, len(self.queue)))  # a rough hint: about one second per waiting job
+        return max(1, min(60, len(self.queue) // len(self._threads)))  # a rough hint: about a second per job
 
     def get(self, job_id: str) -> JobRecord | None:
         return self.store.get(job_id)
@@ -233,24 +205,43 @@ class LocalBackend:
     def position(self, job_id: str) -> int | None:
         return self.queue.position(job_id)
 
+    @property
+    def progress(self) -> Progress:
+        """The web UI's "current job": the longest-running one (an empty Progress when none runs)."""
+        with self._lock:
+            return next(iter(self._running.values()), Progress())
+
+    def progress_of(self, job_id: str) -> Progress | None:
+        with self._lock:
+            return self._running.get(job_id)
+
     def cancel(self, job_id: str) -> JobRecord:
         with self._lock:
             rec = self.store.get(job_id)
             if rec is None:
                 raise ApiError(404, f"no job {job_id}")
+            running = self._running.get(job_id)
             if rec.status == QUEUED and self.queue.remove(job_id):
                 self._finish(rec, CANCELLED, error="cancelled before it started")
-            elif rec.status == RUNNING and self.progress.job_id == job_id:
-                self.progress.cancelled = True  # the step callback stops it
+            elif rec.status == RUNNING and running is not None:
+                running.cancelled = True  # the step callback stops it
             elif rec.status in FINISHED:
                 raise ApiError(409, f"job {job_id} has already finished ({rec.status})")
+        if running is not None and running.cancelled:
+            self._signal(running)
         return self.store.get(job_id) or rec
 
     def interrupt(self) -> None:
-        self.progress.interrupted = self.progress.job_id is not None
+        self._flag_current("interrupted")
 
     def skip(self) -> None:
-        self.progress.skipped = self.progress.job_id is not None
+        self._flag_current("skipped")
+
+    def _flag_current(self, flag: str) -> None:
+        progress = self.progress
+        if progress.job_id is not None:
+            setattr(progress, flag, True)
+            self._signal(progress)
 
     def _finish(self, rec: JobRecord, status: str, *, error: str | None = None, info: dict | None = None,
                 images: list[str] | None = None, pictures: list[Image.Image] | None = None,
@@ -268,7 +259,7 @@ class LocalBackend:
                 future.set_exception(exc or ApiError(409 if status == CANCELLED else 500, error or status,
                                                      name="JobCancelled" if status == CANCELLED else "JobFailed"))
 
-    # --- the worker -----------------------------------------------------------------------------
+    # --- the workers ----------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
             job_id = self.queue.get(timeout=0.5)
@@ -278,32 +269,60 @@ class LocalBackend:
                 rec = self.store.get(job_id)
                 if rec is None or rec.status != QUEUED:
                     continue
-                self.store.update(job_id, status=RUNNING, started=time.time(), attempts=rec.attempts + 1)
-                self.progress = Progress(job_id=job_id, task=rec.task, started=time.time(),
-                                         timestamp=time.strftime("%Y%m%d%H%M%S"))
+                rec.attempts += 1
+                self.store.update(job_id, status=RUNNING, started=time.time(), attempts=rec.attempts)
+                progress = Progress(job_id=job_id, task=rec.task, started=time.time(),
+                                    timestamp=time.strftime("%Y%m%d%H%M%S"))
+                self._running[job_id] = progress
                 work = self._work.get(job_id)
             try:
-                self._run(rec, work)
-            except JobCancelled:
-                with self._lock:
-                    self._finish(rec, CANCELLED, error="cancelled while running")
-            except ServerStopping:
-                self.store.update(job_id, status=QUEUED, attempts=rec.attempts)
-                future = self._futures.pop(job_id, None)
-                if future is not None and not future.done():
-                    future.set_exception(ApiError(503, "the server is shutting down; the job will run after it "
-                                                       "restarts", headers={"Retry-After": "10"}))
-            except (ApiError, ValueError) as e:  # the request could not be done: a 4xx for its client
-                with self._lock:
-                    self._finish(rec, FAILED, error=str(e), exc=e)
-            except Exception as e:  # keep serving; the job says what went wrong in one line
-                log.exception("job %s failed", job_id)
-                with self._lock:
-                    self._finish(rec, FAILED, error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+                outcome, work = self._start(rec, work, progress)
             finally:
-                self.progress = Progress()
+                with self._lock:
+                    self._running.pop(job_id, None)
+            self._settle(rec, work, outcome, progress)
             if time.monotonic() - self._pruned > PRUNE_EVERY_S:
                 self.prune()
+
+    def _start(self, rec: JobRecord, work: Work | None, progress: Progress) -> tuple[Outcome, Work | None]:
+        """The job's work and model, then `_execute`."""
+        try:
+            if work is None:  # re-queued after a restart: validate the stored request again
+                req = parse_request(rec.task, rec.request)
+                work = to_work(rec.task, req, self.config.limits, self.config.allow_url_images, self.options.clip_skip)
+                work.controls = resolve_models(work.controls, self.config.controlnet_dir)
+            checkpoint = self.checkpoints.find(work.checkpoint) if work.checkpoint else self.options.checkpoint
+            vae = work.vae or self.options.vae
+            if rec.request.get("override_settings_restore_afterwards", True) is False:  # the settings stay
+                self.options.checkpoint, self.options.vae = checkpoint, vae
+        except ValueError as e:  # ApiError too
+            return Outcome.refused(e), work
+        progress.job_count = work.n_iter
+        return self._execute(rec, work, checkpoint, vae, progress), work
+
+    def _settle(self, rec: JobRecord, work: Work | None, outcome: Outcome, progress: Progress) -> None:
+        """Save and record what the job ended with, and answer its waiting client."""
+        if outcome.status == QUEUED:  # the server is stopping: the job runs after the restart
+            self.store.update(rec.id, status=QUEUED, attempts=rec.attempts - 1)
+            future = self._futures.pop(rec.id, None)
+            if future is not None and not future.done():
+                future.set_exception(ApiError(503, "the server is shutting down; the job will run after it "
+                                                   "restarts", headers={"Retry-After": "10"}))
+            return
+        if outcome.status != DONE or outcome.rendered is None or work is None:
+            with self._lock:
+                self._finish(rec, outcome.status, error=outcome.error, exc=outcome.client_error())
+            return
+        result = outcome.rendered
+        infotexts = [im.info.get("parameters", "") for im in result.pictures]
+        info = info_json(work, infotexts, Path(result.model_name).stem, result.model_hash, progress.timestamp,
+                         result.inpainting_model, f"stablekit {__version__}")
+        names = []
+        if rec.persist:
+            folder = self.config.outputs / rec.id  # the id is ours: no client string in any path
+            names = [save_png(im, folder, work.params.seed + i).name for i, im in enumerate(result.pictures)]
+        with self._lock:
+            self._finish(rec, DONE, info=info, images=names, pictures=result.pictures)
 
     def prune(self) -> list[str]:
         """Apply the retention limits (finished jobs only); logs what it removed."""
@@ -313,63 +332,46 @@ class LocalBackend:
             log.info("retention: removed %d finished job(s), oldest %s", len(removed), removed[0])
         return removed
 
-    def _callback(self, progress: Progress) -> Callable[[int, int, torch.Tensor], None]:
-        def on_step(i: int, n: int, x0: torch.Tensor) -> None:
-            self.metrics.step(first=progress.step == 0)
-            progress.step, progress.steps, progress.latent = i + 1, n, x0[0].detach()
-            if progress.stopping:
-                raise ServerStopping()
-            if progress.cancelled:
-                raise JobCancelled()
-            if progress.interrupted or progress.skipped:
-                raise SamplingStopped()
-        return on_step
-
-    def _run(self, rec: JobRecord, work: Work | None) -> None:
-        if work is None:  # re-queued after a restart: validate the stored request again
-            req = parse_request(rec.task, rec.request)
-            work = to_work(rec.task, req, self.config.limits, self.config.allow_url_images, self.options.clip_skip)
-            work.controls = resolve_models(work.controls, self.config.controlnet_dir)
-        progress = self.progress
-        progress.job_count = work.n_iter
-        restore = rec.request.get("override_settings_restore_afterwards", True) is not False
-        pictures: list[Image.Image] = []
-        with self._engine_lock:
-            checkpoint = self.checkpoints.find(work.checkpoint) if work.checkpoint else self.options.checkpoint
-            engine = self._load(checkpoint)
-            engine.addons.use_vae(work.vae or self.options.vae)
-            if not restore:
-                self.options.checkpoint = checkpoint
-                self.options.vae = work.vae or self.options.vae
-            callback = self._callback(progress)
-            controls = engine.prepare_controls(work.task, work.params, work.controls, **work.inputs)  # once
-            for k in range(work.n_iter):
-                if progress.interrupted:
-                    break
-                progress.job_no, progress.step, progress.skipped = k, 0, False
-                pictures += engine.run(work.task, iteration_params(work, k), callback=callback,
-                                       controls=controls, **work.inputs)
-            pictures += self._detected_maps(work, controls)
-        infotexts = [im.info.get("parameters", "") for im in pictures]
-        model = engine.loaded
-        info = info_json(work, infotexts, Path(model.name).stem, model.short_hash, progress.timestamp,
-                         engine.config.inputs == "inpaint", f"stablekit {__version__}")
-        names = []
-        if rec.persist:
-            folder = self.config.outputs / rec.id  # the id is ours: no client string in any path
-            names = [save_png(im, folder, work.params.seed + i).name for i, im in enumerate(pictures)]
-        with self._lock:
-            self._finish(rec, DONE, info=info, images=names, pictures=pictures)
-
-    @staticmethod
-    def _detected_maps(work: Work, controls: tuple[Control, ...]) -> list[Image.Image]:
-        """The maps the ControlNet units saw (at the working size), after the pictures, as the extension
-        returns them; a unit's save_detected_map false leaves its map out."""
-        p = work.params
-        return [Image.fromarray(fit_control_map(c.detected, p.width, p.height, c.unit.resize))
-                for c, wanted in zip(controls, work.control_maps) if wanted]
+    def on_step(self, progress: Progress, seconds: float | None) -> None:
+        """A running job finished a step (`seconds`: its time; None for a job's first step)."""
+        self.metrics.step(seconds)
 
     def image_path(self, rec: JobRecord, index: int) -> Path | None:
         if not 0 <= index < len(rec.images):
             return None
         return self.config.outputs / rec.id / rec.images[index]
+
+
+class LocalBackend(Backend):
+    """One engine in this process; one worker thread runs the jobs on it."""
+
+    def __init__(self, config: ServerConfig, loader: EngineLoader, queue: JobQueue | None = None):
+        super().__init__(config, queue, workers=1)
+        self.slot = EngineSlot(loader, self.checkpoints)
+
+    def _prepare(self) -> None:
+        self._use(self.options.checkpoint, self.options.vae)
+
+    def _use(self, checkpoint: Checkpoint, vae: str) -> None:
+        self.slot.call(lambda engine: None, checkpoint, vae)
+
+    def _execute(self, rec: JobRecord, work: Work, checkpoint: Checkpoint, vae: str, progress: Progress) -> Outcome:
+        return run_job(self.slot, work, checkpoint, vae, progress, self.on_step)
+
+    def run_exclusive(self, fn: Callable[[Engine], T]) -> T:
+        with self.slot.lock:
+            return fn(self.engine)
+
+    @property
+    def engine(self) -> Engine:
+        assert self.slot.engine is not None
+        return self.slot.engine
+
+    @property
+    def resolution(self) -> int | None:
+        return self.slot.engine.config.resolution if self.slot.engine is not None else None
+
+    def preview(self, latent: torch.Tensor) -> Image.Image:
+        if self.slot.engine is None:
+            return latent_preview(latent)
+        return model_preview(latent, self.engine.loaded.model, self.engine.config.vae)
