@@ -55,7 +55,8 @@ class Server:
     """`python -m stablekit.cli serve ...` on 127.0.0.1 and a free port; killed by `kill()` or `stop()`."""
 
     def __init__(self, model: Path, tmp: Path, *extra: str, port: int | None = None,
-                 auth: tuple[str, str] | None = None, token: str | None = None, env: dict[str, str] | None = None):
+                 auth: tuple[str, str] | None = None, token: str | None = None, env: dict[str, str] | None = None,
+                 new_session: bool = False):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.auth = auth
@@ -69,8 +70,13 @@ class Server:
             args += ["--token", token]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self._log_file = open(self.log, "w")
-        self.proc = subprocess.Popen(args, stdout=self._log_file, stderr=subprocess.STDOUT, env=env)
-        self._wait_ready()
+        self.proc = subprocess.Popen(args, stdout=self._log_file, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=new_session)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
 
     def headers(self) -> dict[str, str]:
         if self.token:
@@ -100,10 +106,9 @@ class Server:
                 status, _, _ = self.request("GET", "/sdapi/v1/options", timeout=5)
                 if status == 200:
                     return
-            except OSError:
+            except (OSError, ValueError):  # not listening yet, or a proxy's plain-text answer before the app is up
                 pass
             time.sleep(0.3)
-        self.stop()
         raise RuntimeError(f"server did not start within {STARTUP_S}s:\n{self.log.read_text()}")
 
     def peak_rss_mib(self) -> float:

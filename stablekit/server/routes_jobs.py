@@ -33,6 +33,8 @@ def job_json(backend: Backend, rec: JobRecord) -> dict[str, Any]:
     live = None
     if rec.status == RUNNING and p is not None:
         live = {"fraction": p.fraction(), "step": p.step, "steps": p.steps, "job_no": p.job_no, "job_count": p.job_count}
+        if p.worker:
+            live["worker"] = p.worker
     params = {k: v for k, v in rec.request.items() if k not in ("init_images", "mask")}
     return {
         "id": rec.id, "kind": rec.kind, "task": rec.task, "status": rec.status,

@@ -58,6 +58,7 @@ class Progress:
     textinfo: str = ""
     timestamp: str = "0"
     last_step_at: float | None = None  # perf_counter of the last step (step times for /metrics)
+    worker: str = ""  # where it runs when that is not this process (Ray Serve: host:pid of the replica)
 
     def fraction(self) -> float:
         """The web UI's formula: 0.01 + job_no/job_count + step/steps/job_count."""

@@ -50,6 +50,15 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     s.add_argument("--embeddings-dir", type=Path, help="textual-inversion embeddings (GET /sdapi/v1/embeddings)")
     s.add_argument("--controlnet-dir", type=Path, help="ControlNet files clients may name (GET /controlnet/model_list)")
     s.add_argument("--max-controls", type=int, default=3, help="ControlNet units one request may use")
+    ray = s.add_argument_group("Ray Serve (pip install 'stablekit[ray]')")
+    ray.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                     help="run the engines as Ray Serve replicas: alone, a local Ray instance; with an address "
+                          "(auto, ray://host:10001, host:6379), that cluster")
+    ray.add_argument("--replicas", type=int, default=1, help="engine replicas, each with its own model (default 1)")
+    ray.add_argument("--autoscale", metavar="MIN:MAX", help="let Serve scale the engine replicas between MIN and MAX")
+    ray.add_argument("--replica-cpus", type=float, default=None,
+                     help="CPUs per replica, also its threads (default: a local instance's cores / replicas, else 1)")
+    ray.add_argument("--replica-gpus", type=float, default=0, help="GPUs per replica (e.g. 1)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return s
 
@@ -102,6 +111,14 @@ def run(args: argparse.Namespace) -> int:
     for flag, folder in (("--models-dir", args.models_dir), ("--controlnet-dir", args.controlnet_dir)):
         if folder is not None and not folder.is_dir():
             raise ValueError(f"{flag} {folder} is not a folder")
+    if args.ray is not None:
+        try:
+            from . import ray_serve
+        except ImportError as e:
+            raise ValueError(f"--ray needs Ray Serve ({e}); install it with pip install 'stablekit[ray]'") from None
+        return ray_serve.run(args, config)
+    if args.replicas != 1 or args.autoscale or args.replica_cpus is not None or args.replica_gpus:
+        raise ValueError("--replicas, --autoscale, --replica-cpus and --replica-gpus are for --ray")
     app = create_app(config)
     app.state.backend.start()  # load the model now: a bad checkpoint is a clear error, not a server that fails
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
