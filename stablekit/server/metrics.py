@@ -55,7 +55,7 @@ class Metrics:
             "images": images, "seconds": round(seconds, 3), "attempts": rec.attempts, "outcome": outcome,
         }))
 
-    def text(self, queue_length: int, running: bool, by_state: Mapping[str, int]) -> str:
+    def text(self, queue_length: int, running: int, by_state: Mapping[str, int]) -> str:
         """The Prometheus exposition: HELP, TYPE and samples per metric."""
         with self._lock:
             jobs, images, steps = dict(self.jobs), self.images, self.steps
@@ -63,7 +63,7 @@ class Metrics:
         uptime = time.time() - self.started
         rows: list[tuple[str, str, str, list[tuple[str, float]]]] = [
             ("stablekit_queue_length", "gauge", "jobs waiting behind the running one", [("", queue_length)]),
-            ("stablekit_job_running", "gauge", "1 while a job runs", [("", int(running))]),
+            ("stablekit_job_running", "gauge", "jobs running now (at most one per engine)", [("", running)]),
             ("stablekit_jobs", "gauge", "job records in the store by state",
              [(f'{{state="{s}"}}', n) for s, n in sorted(by_state.items())]),
             ("stablekit_jobs_finished_total", "counter", "jobs finished by this process, by outcome",
@@ -110,7 +110,7 @@ def metrics_router(backend: Any, auth: Any) -> APIRouter:
     @router.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
         """Prometheus text format: queue length, jobs by state, step time, pictures per second, memory."""
-        text = backend.metrics.text(len(backend.queue), backend.progress.job_id is not None, backend.store.counts())
+        text = backend.metrics.text(len(backend.queue), backend.running_count, backend.store.counts())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     return router

@@ -211,6 +211,11 @@ class Backend:
         with self._lock:
             return next(iter(self._running.values()), Progress())
 
+    @property
+    def running_count(self) -> int:
+        with self._lock:
+            return len(self._running)
+
     def progress_of(self, job_id: str) -> Progress | None:
         with self._lock:
             return self._running.get(job_id)
