@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -218,3 +219,15 @@ def test_the_ingress_killed(servers):
     assert [download(ray, link) for link in done["images"]] == pngs
     rerun = wait_job(ray, job["id"], finished)
     assert rerun["status"] == "done" and rerun["attempts"] == 2 and len(rerun["images"]) == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--replicas", "2"], "are for --ray"),
+    (["--ray", "--autoscale", "3:1"], "need 0 <= MIN <= MAX"),
+    (["--ray", "--replicas", "0"], "--replicas must be at least 1"),
+])
+def test_bad_ray_flags_are_one_line_errors_before_ray_starts(tiny_models, flags, message):
+    run = subprocess.run([sys.executable, "-m", "stablekit.cli", "serve", "--model", str(tiny_models["sd1"].single_file),
+                          *flags], capture_output=True, text=True, timeout=120)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("stablekit: error: ") and message in lines[0]

@@ -238,6 +238,10 @@ def run(args: Any, config: ServerConfig) -> int:
     """`stablekit serve --ray [ADDRESS]`: join a cluster (or start a local Ray), deploy, serve until stopped."""
     from ..threads import physical_cores
 
+    if args.replicas < 1:
+        raise ValueError("--replicas must be at least 1")
+    if args.autoscale:
+        parse_autoscale(args.autoscale)  # a bad range is an error before Ray starts
     local = args.ray == "local"
     if args.replica_cpus is None:  # a local instance shares this machine's cores; a cluster's nodes say theirs
         args.replica_cpus = max(1, physical_cores() // (args.replicas or 1)) if local and not args.replica_gpus else 1
